@@ -1,0 +1,3 @@
+from kidneyscan.cli import main
+
+main()

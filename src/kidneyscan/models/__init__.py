@@ -1,0 +1,1 @@
+"""Models: the hybrid ConvNeXt + Transformer, transfer-learning baselines, ensemble, checkpoints."""

@@ -1,0 +1,1 @@
+"""Digital image processing: enhancement, restoration, segmentation, morphology, pipeline."""

@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny phantom datasets (64 px) and the optional real CT-KIDNEY sample."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_DATA = Path(os.environ.get("KIDNEYSCAN_REAL_DATA", REPO.parent / "shared/data/ct-kidney"))
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny phantom dataset in the CT-KIDNEY layout: 48 images of 64 px from 3 sites."""
+    from kidneyscan.data.phantom import generate_dataset
+
+    out = tmp_path_factory.mktemp("phantom")
+    generate_dataset(out, n=48, seed=0, sites=3, image_size=64)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    """The real CT-KIDNEY sample in ../shared; tests using it skip when it is absent."""
+    if not (REAL_DATA / "kidneyData.csv").is_file():
+        pytest.skip(f"real CT-KIDNEY sample not found at {REAL_DATA}")
+    return REAL_DATA
