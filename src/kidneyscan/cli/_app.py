@@ -10,6 +10,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """KidneyScan: privacy-preserving federated kidney CT classification (research use only)."""
+
+
 @app.command()
 def version() -> None:
     """Print the KidneyScan version."""
