@@ -112,9 +112,7 @@ def scan_dataset(root: str | Path, classes: tuple[str, ...] = CLASSES) -> list[S
         if not files:
             raise DataError(f"{sub}: class folder {sub.name!r} holds no images")
         for f in files:
-            samples.append(
-                Sample(f, label, classes[label], f.stem, parse_index(f.name), site=None)
-            )
+            samples.append(Sample(f, label, classes[label], f.stem, parse_index(f.name), site=None))
     if not samples:
         raise DataError(f"{root}: no class folders with images")
     return samples
