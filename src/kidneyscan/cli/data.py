@@ -107,6 +107,10 @@ def audit(
             f"exact-duplicate clusters across splits: {sp['exact_duplicates_across_splits']};"
             f" near-duplicate pairs across splits: {sp['near_pairs_across_splits']}"
         )
+        for name, v in sp["held_out_with_near_duplicate_in_train"].items():
+            console.print(
+                f"{name} images with a near duplicate in train: {v['images']} of {v['of']}"
+            )
     if out is not None:
         command = "kidneyscan " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         for path in write_report(report, out, command=command):

@@ -177,6 +177,17 @@ def _split_leakage(
     out["exact_duplicates_across_splits"] = sum(
         len({assigned[i] for i in c if assigned[i] is not None}) > 1 for c in file_dups
     )
+    # The practical question: how many evaluation images have a near copy in training?
+    train_near: dict[str, set[int]] = defaultdict(set)
+    for i, j, _ in near_pairs:
+        for a, b in ((i, j), (j, i)):
+            if assigned[b] == "train" and assigned[a] not in (None, "train"):
+                train_near[str(assigned[a])].add(int(a))
+    out["held_out_with_near_duplicate_in_train"] = {
+        name: {"images": len(train_near[name]), "of": len(members)}
+        for name, members in split.items()
+        if name != "train"
+    }
     out["near_pairs_across_splits"] = int(
         sum(
             assigned[i] is not None and assigned[j] is not None and assigned[i] != assigned[j]
@@ -436,6 +447,11 @@ def to_markdown(report: dict[str, Any], *, command: str | None = None) -> str:
             f" images in no split: {sp['images_in_no_split']}",
             f"- exact-duplicate clusters across splits: {sp['exact_duplicates_across_splits']}",
             f"- near-duplicate pairs across splits: {sp['near_pairs_across_splits']}",
+            "- held-out images with a near duplicate in train: "
+            + ", ".join(
+                f"{k} {v['images']} of {v['of']}"
+                for k, v in sp["held_out_with_near_duplicate_in_train"].items()
+            ),
             "",
             "| grouping | groups crossing splits | of groups | images in them |",
             "|---|---|---|---|",
