@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from kidneyscan.federated import task
@@ -76,7 +76,8 @@ def _train(msg: Message, context: Context) -> Message:
             **_client_id(context),
         }
     )
-    content = RecordDict({"arrays": ArrayRecord(named), "metrics": metrics})
+    arrays = ArrayRecord({k: Array(v) for k, v in named.items()})
+    content = RecordDict({"arrays": arrays, "metrics": metrics})
     return Message(content=content, reply_to=msg)
 
 
