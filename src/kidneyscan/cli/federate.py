@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -118,6 +119,7 @@ def federate(
                     data, n=phantom_images, seed=seed, sites=clients, image_size=image_size
                 )
         assert data is not None
+        prepared: dict[str, Any]
         if resume and (out / "partitions.csv").is_file():
             prepared = {
                 "partition-file": str((out / "partitions.csv").resolve()),

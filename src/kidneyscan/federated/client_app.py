@@ -7,6 +7,7 @@ never image paths, ids or anything patient-related.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,8 @@ Handler = Callable[[Message, Context], Message]
 def _privacy_mods(cfg: dict[str, Any]) -> list[Any]:
     """Client mods from the privacy module (DP clipping, ...) when it exists."""
     try:
-        from kidneyscan.federated import privacy
+        # Owned by the privacy area; optional so both halves can be merged in any order.
+        privacy: Any = importlib.import_module("kidneyscan.federated.privacy")
     except ImportError:
         return []
     return list(privacy.client_mods(cfg))
@@ -45,7 +47,7 @@ def _with_mods(handler: Handler, mods: list[Any]) -> Handler:
     return wrapped
 
 
-def _named(record: ArrayRecord) -> dict[str, Any]:
+def _named(record: Any) -> dict[str, Any]:
     return {k: v.numpy() for k, v in record.items()}
 
 
@@ -56,7 +58,7 @@ def _client_id(context: Context) -> dict[str, int]:
 
 def _train(msg: Message, context: Context) -> Message:
     cfg = task.run_config(context.run_config)
-    config = msg.content["config"]
+    config: Any = msg.content["config"]
     server_round = int(config.get("server-round", 1))
     proximal_mu = float(config.get("proximal-mu", 0.0))
     model = task.build_model(cfg)

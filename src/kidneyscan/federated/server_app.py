@@ -12,6 +12,7 @@ training, so ``kidneyscan evaluate`` and ``kidneyscan serve`` use it unchanged.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import time
@@ -46,7 +47,8 @@ def main(grid: Grid, context: Context) -> None:
 def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
     """DP wrapper + accountant from ``kidneyscan.federated.privacy`` when that module exists."""
     try:
-        from kidneyscan.federated import privacy
+        # Owned by the privacy area; optional so both halves can be merged in any order.
+        privacy: Any = importlib.import_module("kidneyscan.federated.privacy")
     except ImportError:
         if str(cfg.get("dp", "none")).lower() != "none":
             raise task.FederatedConfigError(
@@ -183,14 +185,16 @@ def _round_row(
     agg_eval: MetricRecord | None,
 ) -> dict[str, Any]:
     row: dict[str, Any] = {"round": rnd}
+    train_m: dict[str, Any] = dict(agg_train or {})
+    eval_m: dict[str, Any] = dict(agg_eval or {})
     if agg_train is not None:
-        row["train-loss"] = float(agg_train.get("train-loss", np.nan))
+        row["train-loss"] = float(train_m.get("train-loss", np.nan))
         if "dp-epsilon" in agg_train:
-            row["dp-epsilon"] = float(agg_train["dp-epsilon"])
+            row["dp-epsilon"] = float(train_m["dp-epsilon"])
     if agg_eval is not None:
-        row["val-loss"] = float(agg_eval.get("eval-loss", np.nan))
-        row["val-accuracy"] = float(agg_eval.get("eval-accuracy", np.nan))
-        row["val-macro-f1"] = float(agg_eval.get("eval-macro-f1", np.nan))
+        row["val-loss"] = float(eval_m.get("eval-loss", np.nan))
+        row["val-accuracy"] = float(eval_m.get("eval-accuracy", np.nan))
+        row["val-macro-f1"] = float(eval_m.get("eval-macro-f1", np.nan))
     row["clients"] = [
         {
             k: v

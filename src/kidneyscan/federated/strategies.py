@@ -74,7 +74,7 @@ def check_robustness(strategy: str, num_clients: int, attackers: int, beta: floa
         )
     if strategy in ("fedavg", "fedprox", "fedadam", "fedyogi"):
         raise StrategyError(
-            f"{strategy} is not robust to attackers (assumed-attackers={f}); use krum, "
+            f"{strategy} is not robust to attackers ({f} assumed attacker(s)); use krum, "
             "fedmedian or fedtrimmedavg"
         )
 
@@ -133,6 +133,11 @@ def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
     return Krum(**common, num_malicious_nodes=attackers)
 
 
+def _nbytes(record: Any) -> int:
+    """Raw tensor bytes in an ArrayRecord (the payload, without message framing)."""
+    return int(sum(int(a.numpy().nbytes) for a in record.values()))
+
+
 def _cast_record(record: ArrayRecord, dtype: Any) -> ArrayRecord:
     return ArrayRecord({k: Array(np.asarray(v.numpy(), dtype=dtype)) for k, v in record.items()})
 
@@ -183,8 +188,8 @@ class RecordingStrategy(Strategy):
                     if id(arrays) not in cache:
                         cache[id(arrays)] = _cast_record(arrays, np.float16)
                     msg.content[key] = cache[id(arrays)]
-                rec[f"bytes-down-{phase}"][str(msg.metadata.dst_node_id)] = int(
-                    sum(a.numpy().nbytes for a in msg.content[key].values())
+                rec[f"bytes-down-{phase}"][str(msg.metadata.dst_node_id)] = _nbytes(
+                    msg.content[key]
                 )
         return out
 
@@ -202,13 +207,7 @@ class RecordingStrategy(Strategy):
             for mrec in msg.content.metric_records.values():
                 row.update({k: v for k, v in mrec.items()})
             if phase == "train":
-                row["bytes-up"] = int(
-                    sum(
-                        a.numpy().nbytes
-                        for arr in msg.content.array_records.values()
-                        for a in arr.values()
-                    )
-                )
+                row["bytes-up"] = sum(_nbytes(arr) for arr in msg.content.array_records.values())
                 if self.fp16:
                     for key, arrays in list(msg.content.array_records.items()):
                         msg.content[key] = _cast_record(arrays, np.float32)

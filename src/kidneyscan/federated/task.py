@@ -184,7 +184,9 @@ def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
 def trainable_keys(model: nn.Module) -> list[str]:
     """Names of the state-dict entries that are trained, hence exchanged, in this order."""
     try:
-        from kidneyscan.models.factory import trainable_state_keys
+        from kidneyscan.models.factory import (  # type: ignore[attr-defined]
+            trainable_state_keys,
+        )
     except ImportError:  # older factory: fall back to the parameters that require grad
         return [n for n, p in model.named_parameters() if p.requires_grad]
     return list(trainable_state_keys(model))
