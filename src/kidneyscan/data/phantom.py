@@ -259,7 +259,9 @@ class _Patient:
     left_offset: float  # the left kidney usually sits higher than the right
     spine_y: float
     liver_scale: float
-    bowel: list[tuple[float, float, float, float, str]]  # x, y, r, aspect, content
+    bowel: list[tuple[float, float, float, float, float, str]]  # x, y, r, aspect, angle, content
+    fat_hu: float
+    cancellous_hu: float
     bowel_contrast: bool
     phleboliths: list[tuple[float, float, float, float]]  # x, y, r, HU
     aortic_calc: list[tuple[float, float]]  # arc start/extent in degrees
@@ -292,19 +294,24 @@ def _sample_patient(
     fat = float(np.clip(rng.normal(8 + 0.12 * (width - 240), 5), 4, 45))
     cy = -0.06 * site.fov_mm + float(rng.normal(0, 6))
     # the vertebral body sits ~5 cm in front of the posterior muscle surface
-    spine_y = cy + 0.5 * height - 0.7 * fat - float(rng.uniform(48, 58))
+    spine_y = cy + 0.44 * height - 0.7 * fat - float(rng.uniform(44, 54))
     kidney_size = float(rng.uniform(0.85, 1.15)) * (0.85 + 0.15 * width / 300)
-    n_bowel = int(rng.integers(5, 12))
     bowel_contrast = bool(rng.random() < site.bowel_contrast_prob)
     bowel = []
-    for _ in range(n_bowel):
-        x = float(rng.uniform(-0.3, 0.38)) * width
-        y = cy + float(rng.uniform(-0.4, 0.05)) * height
-        r = float(rng.uniform(6, 17))
-        content = rng.choice(["gas", "fluid", "feces", "wall"], p=[0.3, 0.25, 0.3, 0.15])
+    # small-bowel loops fill the anterior abdomen; colon sits laterally (ascending, descending)
+    for _ in range(int(rng.integers(12, 30))):
+        x = float(rng.uniform(-0.28, 0.36)) * width
+        y = cy + float(rng.uniform(-0.42, 0.08)) * height
+        r = float(rng.uniform(7, 16))
+        content = str(rng.choice(["gas", "fluid", "feces", "wall"], p=[0.25, 0.3, 0.2, 0.25]))
         if bowel_contrast and rng.random() < 0.6:
             content = "contrast"
-        bowel.append((x, y, r, float(rng.uniform(0.6, 1.0)), str(content)))
+        bowel.append((x, y, r, float(rng.uniform(0.55, 1.0)), float(rng.uniform(0, 180)), content))
+    for s in (-1.0, 1.0):
+        x = s * float(rng.uniform(0.32, 0.38)) * width
+        y = cy + float(rng.uniform(-0.05, 0.15)) * height
+        r = float(rng.uniform(14, 22))
+        bowel.append((x, y, r, float(rng.uniform(0.7, 1.0)), float(rng.uniform(0, 180)), "feces"))
     phleb = []
     for _ in range(int(rng.poisson(0.8))):
         x = float(rng.choice([-1, 1])) * float(rng.uniform(0.05, 0.3)) * width
@@ -331,6 +338,8 @@ def _sample_patient(
         spine_y=spine_y,
         liver_scale=float(rng.uniform(0.8, 1.15)),
         bowel=bowel,
+        fat_hu=float(rng.uniform(-135, -105)),
+        cancellous_hu=float(rng.uniform(140, 280)),  # lower in osteopenic patients
         bowel_contrast=bowel_contrast,
         phleboliths=phleb,
         aortic_calc=calc,
@@ -373,14 +382,13 @@ def _sample_lesions(
             diameter = float(np.clip(np.exp(rng.normal(np.log(5.0), 0.6)), 1.0, 20.0))
             composition = rng.random()
             hu = rng.uniform(200, 500) if composition < 0.25 else rng.uniform(600, 1500)
-            ang = float(rng.uniform(0, 2 * math.pi))
-            dist = float(rng.uniform(0.0, 0.35))
             out.append(
                 _Lesion(
                     "stone",
                     side if rng.random() < 0.8 else -side,
-                    -0.15 + dist * math.cos(ang),
-                    dist * math.sin(ang),
+                    # renal pelvis and calyces: towards the hilum, anywhere along the long axis
+                    float(rng.uniform(-0.45, 0.45)),
+                    float(rng.uniform(0.2, 0.6)),
                     diameter / 2.0,
                     float(hu),
                     level,
@@ -473,6 +481,15 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
 
 
+def _kidney_point(
+    frame: tuple[float, float, float, float, float], u: float, v: float
+) -> tuple[float, float]:
+    """mm position of kidney-frame coordinates (fractions of the semi-axes a, b)."""
+    kx, ky, a, b, ang = frame
+    ca, sa = math.cos(math.radians(ang)), math.sin(math.radians(ang))
+    return kx + ca * u * a - sa * v * b, ky + sa * u * a + ca * v * b
+
+
 def _level_factor(level: float) -> float:
     """Axial kidney cross-section scale at a slice level (0 upper pole, 1 lower pole)."""
     d = (level - 0.5) / 0.62
@@ -488,8 +505,8 @@ def _tissue(p: _Patient) -> dict[str, float]:
     """HU of each tissue for the patient's contrast phase (DESIGN.md facts)."""
     e = p.enh
     t = {
-        "fat": -100.0,
-        "vfat": -90.0,
+        "fat": p.fat_hu,
+        "vfat": p.fat_hu + 8.0,
         "muscle": 48.0,
         "skin": 60.0,
         "liver": 58.0,
@@ -536,7 +553,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     bone_scale = 0.9 + 0.1 * site.contrast_scale
 
     # ---- table under the patient: a curved cradle, a base plate and two side rails ----------
-    table_y = cy + H + float(tex.uniform(3, 12))
+    table_y = cy + 0.9 * H + float(tex.uniform(3, 10))
     R = 0.8 * site.fov_mm
     tab = np.linspace(-0.55, 0.55, 48)
     # a cradle: lowest under the patient's back, rising towards the sides
@@ -551,6 +568,9 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
 
     # ---- body: skin, subcutaneous fat, abdominal wall muscle, visceral fat -----------------
     body = _shape(0.0, cy, W, H, 0.0, p.body_shape)
+    # the back is flattened where the patient lies on the table
+    flat = cy + 0.8 * H
+    body[:, 1] = np.where(body[:, 1] > flat, flat + 0.35 * (body[:, 1] - flat), body[:, 1])
     body_mask = np.zeros((size, size), np.uint8)
     cv.fill(body, 1, body_mask)
     cv.fill(body, t["fat"])
@@ -567,13 +587,17 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     cv.fill(cav_poly, 1, cavity)
     inner = np.full((size, size), t["vfat"], np.float32)
     # visceral fat is not flat: small vessels and strands
-    inner += 25.0 * np.maximum(_smooth_field(tex, size, 40), 0.0)
+    inner += 6.0 * _smooth_field(tex, size, 24)
+    for _ in range(int(tex.integers(15, 40))):  # mesenteric vessels: tiny round dots
+        vx, vy = tex.uniform(-0.3, 0.3) * p.width, cy + tex.uniform(-0.4, 0.1) * p.height
+        cv.disc(vx, vy, float(tex.uniform(0.8, 2.2)), 0.5 * (t["aorta"] + t["ivc"]), inner)
 
     # ---- organs inside the peritoneal cavity (painted on `inner`, clipped by the cavity) -----
     lv = level
-    liver_s = p.liver_scale * max(0.25, 1.1 - 0.9 * lv)
+    # the liver shrinks to its inferior tip towards the lower kidney pole
+    liver_s = p.liver_scale * max(0.2, 1.1 - 1.05 * lv)
     liver = _shape(
-        -0.42 * W, cy - 0.05 * H, 0.62 * W * liver_s, 0.75 * H * liver_s, -20, p.body_shape[:4]
+        -0.55 * W, cy + 0.05 * H, 0.62 * W * liver_s, 0.8 * H * liver_s, -25, p.body_shape[:4]
     )
     cv.fill(liver, t["liver"], inner)
     if lv < 0.55:
@@ -598,21 +622,23 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         )
         cv.fill(pan, t["pancreas"], inner)
     # bowel loops: wall then content (gas, fluid, feces, oral contrast)
-    for x, y, r, _aspect, content in p.bowel:
-        y_ = y + (lv - 0.5) * 20
-        cv.disc(x, y_, r, t["bowel_wall"], inner)
+    for x, y, r, aspect, angle, content in p.bowel:
+        # loops drift between neighbouring slices
+        x_, y_ = x + 30 * math.sin(7 * lv + x), y + 30 * math.cos(5 * lv + y)
+        cv.fill(_shape(x_, y_, r, r * aspect, angle), t["bowel_wall"], inner)
         rr = r - 2.0
+        lumen = _shape(x_, y_, rr, rr * aspect, angle)
         if content == "gas":
-            cv.disc(x, y_, rr, -950.0, inner)
+            cv.fill(lumen, -950.0, inner)
         elif content == "fluid":
-            cv.disc(x, y_, rr, 15.0, inner)
+            cv.fill(lumen, 15.0, inner)
         elif content == "contrast":
-            cv.disc(x, y_, rr, float(tex.uniform(250, 650)) * p.enh, inner)
-        elif content == "feces":
-            cv.disc(x, y_, rr, -60.0, inner)
-            for _ in range(4):
+            cv.fill(lumen, float(tex.uniform(250, 650)) * p.enh, inner)
+        elif content == "feces":  # mottled: soft matter with gas bubbles
+            cv.fill(lumen, -40.0, inner)
+            for _ in range(int(rr // 2) + 2):
                 dx, dy = tex.uniform(-0.6, 0.6, 2) * rr
-                cv.disc(x + dx, y_ + dy, rr * float(tex.uniform(0.15, 0.35)), -900.0, inner)
+                cv.disc(x_ + dx, y_ + dy * aspect, rr * float(tex.uniform(0.1, 0.3)), -900.0, inner)
     # phleboliths (extra-renal calcified foci: a classic stone mimic in every class)
     n_phleb = 0
     for x, y, r, value in p.phleboliths:
@@ -634,12 +660,12 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         cv.fill(_shape(s * 52, sy + 14, 10, 17, s * 40), t["muscle"])  # quadratus lumborum
     # vertebra: cortical shell, cancellous core, canal, pedicles, transverse and spinous process
     cv.fill(_shape(0, sy, vr, vr * 0.85), 900.0 * bone_scale)
-    cv.fill(_shape(0, sy, vr - 2.2, vr * 0.85 - 2.2), 260.0 * bone_scale)
+    cv.fill(_shape(0, sy, vr - 2.2, vr * 0.85 - 2.2), p.cancellous_hu * bone_scale)
     post = 900.0 * bone_scale
-    for s in (-1.0, 1.0):
-        cv.line(np.array([[s * 8, sy + 12], [s * 10, sy + 24], [s * 3, sy + 32]]), post, 5)
-        cv.line(np.array([[s * 10, sy + 20], [s * 36, sy + 18]]), post, 4)
-    cv.line(np.array([[0, sy + 31], [0, sy + 48]]), post, 5)
+    for s in (-1.0, 1.0):  # pedicles and laminae ring the canal; transverse processes
+        cv.line(np.array([[s * 8, sy + 12], [s * 11, sy + 22], [s * 3, sy + 32]]), post, 3)
+        cv.line(np.array([[s * 10, sy + 18], [s * 26, sy + 19]]), post, 3)
+    cv.fill(_shape(0, sy + 40, 3, 9), post)  # spinous process
     cv.fill(_shape(0, sy + 22, 8, 7), 10.0)  # spinal canal (CSF)
     # aorta (patient left = image right, anterior to spine) and IVC (patient right)
     ax, ay, ar = 6 + 0.25 * vr, sy - vr - 12, 11.0 * float(0.9 + 0.2 * (p.width > 300))
@@ -662,24 +688,24 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         a = 30.0 * p.kidney_size * (0.45 + 0.55 * f)
         b = 21.0 * p.kidney_size * (0.5 + 0.5 * f)
         kx, ky = s * p.kidney_dx, sy + 6.0
-        ang = -s * p.kidney_angle + 90
+        # long axis from anterolateral to posteromedial; in the kidney frame (u along the long
+        # axis, v along the short one) the hilum lies at v = +s (anteromedial)
+        ang = 90.0 + s * p.kidney_angle
         frames[s] = (kx, ky, a, b, ang)
         outline = _shape(kx, ky, a, b, ang, (0.02, 0.3, 0.03, 1.0))
         cv.fill(outline, 1, kidney_mask)
         cv.fill(outline, t["cortex"])
-        hilum = abs(klev - 0.5) < 0.22
-        for j in range(6):
-            th = math.radians(ang) + (j - 2.5) * 0.5 + math.pi * (s < 0)
-            mx = kx + 0.6 * a * math.cos(th) * 0.9
-            my = ky + 0.6 * b * math.sin(th) * 1.3
-            cv.fill(_shape(mx, my, 0.24 * a, 0.18 * b, math.degrees(th)), t["medulla"])
-        if hilum:
-            # the hilum opens towards the anteromedial side
-            hx, hy = kx - s * 0.45 * b, ky - 0.35 * b
-            cv.fill(_shape(hx, hy, 0.5 * b, 0.38 * a, ang), t["vfat"])
-            cv.fill(_shape(hx + s * 0.1 * b, hy + 0.05 * b, 0.25 * b, 0.22 * a, ang), 8.0)
-            vein = np.array([[hx, hy], [(hx - s * 10 + (-ax - 14 if s < 0 else ax)) / 2, ay]])
-            cv.line(vein, t["ivc"], 7.0)
+        for j in range(5):  # medullary pyramids on the lateral side, pointing to the sinus
+            phi = math.radians(s * 90 + 180 + (j - 2) * 38)
+            mx, my = _kidney_point(frames[s], 0.55 * math.cos(phi), 0.55 * math.sin(phi))
+            cv.fill(_shape(mx, my, 0.2 * a, 0.13 * a, ang + math.degrees(phi)), t["medulla"])
+        if abs(klev - 0.5) < 0.22:  # hilar slices: sinus fat, pelvis and renal vein
+            hx, hy = _kidney_point(frames[s], 0.0, 0.6 * s)
+            cv.fill(_shape(hx, hy, 0.42 * a, 0.5 * b, ang), t["vfat"])
+            px_, py_ = _kidney_point(frames[s], 0.0, 0.55 * s)
+            cv.fill(_shape(px_, py_, 0.24 * a, 0.28 * b, ang), 8.0)
+            target = (-ax - 14, ay + 2) if s < 0 else (ax, ay)
+            cv.line(np.array([[hx, hy], target]), t["ivc"], 6.0)
 
     # ---- ribs at upper slices, outside the cavity -----------------------------------------
     if lv < 0.7:
@@ -764,10 +790,9 @@ def _draw_lesions(
         if side is None:  # slice below both kidneys: keep the lesion on the nearest pole
             side = les.side
             frames[side] = (side * p.kidney_dx, p.spine_y + 6, 14.0, 10.0, 90.0)
-        kx, ky, a, b, ang = frames[side]
-        ca, sa = math.cos(math.radians(ang)), math.sin(math.radians(ang))
-        x = kx + ca * les.u * a - sa * les.v * b
-        y = ky + sa * les.u * a + ca * les.v * b
+        ang = frames[side][4]
+        # v > 0 means towards the hilum (medial) whichever kidney holds the lesion
+        x, y = _kidney_point(frames[side], les.u, les.v * side)
         # cross-section of a 3-D lesion; every slice of a lesion patient still shows it
         d = (level - les.level) / max(les.extent, 1e-3)
         r = les.radius_mm * max(math.sqrt(max(0.0, 1.0 - d * d)), 0.6)
