@@ -14,8 +14,10 @@ Flower spawns and that can outlive their parent. Only those groups are signalled
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -270,6 +272,23 @@ def _toml_value(value: Any) -> str:
     return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@dataclass(frozen=True)
+class RunOutcome:
+    """What a ``flwr run`` on a :class:`LocalFederation` ended with."""
+
+    run_id: str
+    status: str
+    details: str
+    output: str
+    wall_s: float
+    traffic: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        """Whether the run finished and completed (``finished:completed``)."""
+        return self.status == "finished:completed"
+
+
 @dataclass
 class LocalFederation:
     """A SuperLink and ``num_nodes`` SuperNodes on 127.0.0.1, each in its own process group.
@@ -477,20 +496,24 @@ class LocalFederation:
         app_dir: str | Path,
         run_config: Mapping[str, Any] | None = None,
         timeout_s: float = 600.0,
-    ) -> subprocess.CompletedProcess:
-        """``flwr run APP_DIR CONNECTION --stream`` with run-config overrides; returns the result.
+    ) -> RunOutcome:
+        """``flwr run APP_DIR CONNECTION --stream`` with run-config overrides, then its status.
 
-        The return code is the run's: ``flwr run --stream`` exits non-zero when the ServerApp
-        fails. Output is kept in ``logs/flwr-run.log``.
+        ``flwr run`` itself exits 0 even when the ServerApp fails, so the run's final status is
+        read back with ``flwr ls --run-id``. Output is kept in ``logs/flwr-run-<run id>.log``.
+
+        Raises
+        ------
+        DeploymentError
+            When ``flwr run`` could not submit the run.
         """
         assert self.bin_dir is not None
         argv = [str(self.bin_dir / "flwr"), "run", str(app_dir), self.connection, "--stream"]
         if run_config:
-            argv += [
-                "--run-config",
-                " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items()),
-            ]
+            overrides = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+            argv += ["--run-config", overrides]
         LOGGER.info("flwr run: %s", " ".join(argv))
+        t0 = time.perf_counter()
         proc = subprocess.run(
             argv,
             capture_output=True,
@@ -500,9 +523,23 @@ class LocalFederation:
             timeout=timeout_s,
             check=False,
         )
-        log = self.workdir / "logs" / "flwr-run.log"
-        log.write_text(proc.stdout + proc.stderr)
-        return proc
+        wall = time.perf_counter() - t0
+        output = proc.stdout + proc.stderr
+        found = re.search(r"started run (\d+)", output)
+        if proc.returncode != 0 or found is None:
+            raise DeploymentError(f"`flwr run` failed ({proc.returncode}): {output[-2000:]}")
+        run_id = found.group(1)
+        (self.workdir / "logs" / f"flwr-run-{run_id}.log").write_text(output)
+        listing = json.loads(self.flwr("ls", "--run-id", run_id, "--format", "json").stdout)
+        info = listing["runs"][0]
+        return RunOutcome(
+            run_id=run_id,
+            status=str(info.get("status", "")),
+            details=str(info.get("status-details", "")),
+            output=output,
+            wall_s=wall,
+            traffic=dict(info.get("network-traffic", {})),
+        )
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every process group started here, SIGKILL what is left after ``grace_s``."""

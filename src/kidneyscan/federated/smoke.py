@@ -170,10 +170,12 @@ def make_server_app(overrides: Mapping[str, Any] | None = None):
             super().__init__(*args, **kwargs)
             self.rounds: list[dict[str, Any]] = []
             self.sent_bytes = 0
+            self.sampled: set[int] = set()
 
         def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
             messages = list(super().configure_train(server_round, arrays, config, grid))
             self.sent_bytes = sum(arrays.count_bytes() for _ in messages)
+            self.sampled = {m.metadata.dst_node_id for m in messages}
             return messages
 
         def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
@@ -188,6 +190,15 @@ def make_server_app(overrides: Mapping[str, Any] | None = None):
                     reply.error.reason.strip().splitlines()[-1][:200],
                     len(ok),
                 )
+            silent = sorted(self.sampled - {r.metadata.src_node_id for r in replies})
+            if silent:
+                LOGGER.warning(
+                    "round %d: node(s) %s sent no reply within round-timeout; aggregating the "
+                    "other %d",
+                    server_round,
+                    silent,
+                    len(ok),
+                )
             received = sum(r.content["arrays"].count_bytes() for r in ok)
             self.rounds.append(
                 {
@@ -196,6 +207,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None):
                     "failed": [
                         {"node": r.metadata.src_node_id, "code": r.error.code} for r in failed
                     ],
+                    "no_reply": silent,
                     "bytes_sent": self.sent_bytes,
                     "bytes_received": received,
                 }
