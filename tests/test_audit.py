@@ -102,13 +102,14 @@ def test_report_files_are_written(messy: Path, tmp_path: Path) -> None:
     report = audit_dataset(messy, max_gap=5)
     paths = write_report(report, tmp_path / "out" / "audit.md", command="kidneyscan audit X")
     # Assert
-    md, js, png = paths
+    md, js, png, pairs = paths
     assert md.read_text() == to_markdown(report, command="kidneyscan audit X")
     assert "Produced by `kidneyscan audit X`" in md.read_text()
     data = json.loads(js.read_text())
     assert data["dataset"]["n_images"] == 20
     assert "_hist" not in data["phash_distances"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pairs.name == "audit_pairs.png" and pairs.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_vs_patients_section_when_patient_ids_are_known(tmp_path: Path) -> None:

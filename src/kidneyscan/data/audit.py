@@ -494,10 +494,53 @@ def plot_distances(report: dict[str, Any], path: str | Path) -> Path:
     return out
 
 
+def plot_pairs(report: dict[str, Any], path: str | Path, *, max_pairs: int = 6) -> Path | None:
+    """Side-by-side thumbnails of near-duplicate pairs across classes (the ones to look at).
+
+    Falls back to the first pairs of the largest near-duplicate cluster when no pair crosses
+    classes; returns None when there is nothing to show.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    root = Path(report["dataset"]["root"])
+    nd = report["near_duplicates"]
+    pairs = [(p["a"], p["b"], f"distance {p['distance']}") for p in nd["cross_class_pairs"]]
+    title = "Near duplicates across classes"
+    if not pairs and nd["cluster_examples"]:
+        members = nd["cluster_examples"][0]["paths"]
+        pairs = [(members[0], m, "same cluster") for m in members[1:]]
+        title = "Largest near-duplicate cluster"
+    pairs = pairs[:max_pairs]
+    if not pairs:
+        return None
+    fig, axes = plt.subplots(len(pairs), 2, figsize=(5, 2.5 * len(pairs)), dpi=100, squeeze=False)
+    for row, (a, b, note) in enumerate(pairs):
+        for col, rel in enumerate((a, b)):
+            ax = axes[row][col]
+            try:
+                ax.imshow(load_image(root / rel), cmap="gray", vmin=0, vmax=1)
+            except DataError:
+                ax.text(0.5, 0.5, "unreadable", ha="center")
+            ax.set_title(f"{rel}" + (f"  ({note})" if col == 1 else ""), fontsize=7)
+            ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
 def write_report(
     report: dict[str, Any], out_md: str | Path, *, command: str | None = None
 ) -> list[Path]:
-    """Write ``report.md``, ``report.json`` and ``report_phash.png``; return their paths."""
+    """Write ``report.md``, ``report.json``, ``report_phash.png`` and ``report_pairs.png``.
+
+    Returns the paths written (the pairs figure only when there are near duplicates).
+    """
     md = Path(out_md)
     if md.suffix.lower() != ".md":
         md = md.with_suffix(".md")
@@ -506,4 +549,5 @@ def write_report(
     js = md.with_suffix(".json")
     js.write_text(json.dumps(_jsonable(report), indent=2))
     png = plot_distances(report, md.with_name(md.stem + "_phash.png"))
-    return [md, js, png]
+    pairs = plot_pairs(report, md.with_name(md.stem + "_pairs.png"))
+    return [md, js, png] + ([pairs] if pairs is not None else [])
