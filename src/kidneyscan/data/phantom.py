@@ -339,7 +339,7 @@ def _sample_patient(
         liver_scale=float(rng.uniform(0.8, 1.15)),
         bowel=bowel,
         fat_hu=float(rng.uniform(-135, -105)),
-        cancellous_hu=float(rng.uniform(140, 280)),  # lower in osteopenic patients
+        cancellous_hu=float(rng.uniform(120, 240)),  # lower in osteopenic patients
         bowel_contrast=bowel_contrast,
         phleboliths=phleb,
         aortic_calc=calc,
@@ -810,8 +810,13 @@ def _draw_lesions(
             cv.fill(_shape(x, y, r, r * 0.9, ang, les.shape), 1, local)
             enh = {"none": 0.0, "arterial": 70.0, "portal": 50.0}[p.phase] * p.enh
             ys, xs = np.nonzero(local)
-            grain = tex.normal(0, 9, ys.size).astype(np.float32)
-            vals = les.hu + enh + grain
+            # heterogeneity on two scales: patchy enhancement and fine grain
+            y0, x0 = int(ys.min()), int(xs.min())
+            h, w = int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1
+            cells = tex.standard_normal((5, 5), dtype=np.float32)
+            patch = cv2.resize(cells, (w, h), interpolation=cv2.INTER_CUBIC)[ys - y0, xs - x0]
+            grain = tex.normal(0, 4, ys.size).astype(np.float32)
+            vals = les.hu + enh * (0.7 + 0.5 * patch) + 10.0 * patch + grain
             if les.necrotic:
                 nec = np.zeros_like(local)
                 cv.fill(_shape(x, y, 0.45 * r, 0.4 * r, ang, les.shape[4:]), 1, nec)
