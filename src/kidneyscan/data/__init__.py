@@ -1,1 +1,1 @@
-"""Data layer: CT-KIDNEY / ImageFolder datasets, DICOM, the synthetic phantom, splits, partitions."""
+"""Data layer: CT-KIDNEY / ImageFolder datasets, DICOM, phantom, splits, partitions."""

@@ -1,0 +1,1 @@
+"""Federated learning with Flower across hospitals: apps, privacy, secure aggregation."""
