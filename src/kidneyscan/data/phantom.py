@@ -837,9 +837,7 @@ def _draw_lesions(
     }
 
 
-def _draw_stone(
-    cv: _Canvas, x: float, y: float, r_mm: float, hu: float, mask: np.ndarray
-) -> None:
+def _draw_stone(cv: _Canvas, x: float, y: float, r_mm: float, hu: float, mask: np.ndarray) -> None:
     """Paint a round stone with partial volume (pixel coverage from a supersampled disc).
 
     A 2 mm stone covers a fraction of a 6 mm pixel at 64 px: the pixel gets the
