@@ -476,12 +476,6 @@ def _shape(
     return np.stack([cx + ca * x - sa * y, cy + sa * x + ca * y], axis=1)
 
 
-def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Zero-mean, unit-ish low-frequency random field of shape (size, size), float32."""
-    small = rng.standard_normal((cells, cells), dtype=np.float32)
-    return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
-
-
 def _kidney_point(
     frame: tuple[float, float, float, float, float], u: float, v: float
 ) -> tuple[float, float]:
@@ -588,7 +582,6 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     cv.fill(cav_poly, 1, cavity)
     inner = np.full((size, size), t["vfat"], np.float32)
     # visceral fat is not flat: small vessels and strands
-    inner += 6.0 * _smooth_field(tex, size, 24)
     for _ in range(int(tex.integers(15, 40))):  # mesenteric vessels: tiny round dots
         vx, vy = tex.uniform(-0.3, 0.3) * p.width, cy + tex.uniform(-0.4, 0.1) * p.height
         cv.disc(vx, vy, float(tex.uniform(0.8, 2.2)), 0.5 * (t["aorta"] + t["ivc"]), inner)
@@ -647,7 +640,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         n_phleb += 1
 
     hu = cv.hu
-    np.copyto(hu, inner, where=cavity.astype(bool))
+    cv2.copyTo(inner, cavity, hu)  # one pass, uint8 mask
 
     # ---- retroperitoneum: spine, muscles, great vessels, kidneys ----------------------------
     sy = p.spine_y
@@ -728,16 +721,19 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     sigma_px = site.blur_mm / cv.px_mm
     noisy = cv2.GaussianBlur(clean_hu, (0, 0), sigma_px) if sigma_px > 0.25 else clean_hu.copy()
     noise_sigma = site.noise_sigma_hu * float(np.clip(p.width / 300.0, 0.75, 1.4))
-    noise = rng.standard_normal((size, size), dtype=np.float32)
+    white = rng.standard_normal((size, size), dtype=np.float32)
     if size >= 256:  # reconstruction makes quantum noise slightly correlated at full size
-        # 0.408: measured std of unit white noise after that blur, so sigma stays the site's
-        noise = cv2.GaussianBlur(noise, (0, 0), 0.7) * np.float32(1.0 / 0.408)
-    noisy += noise * np.float32(noise_sigma)
+        noise = cv2.GaussianBlur(white, (0, 0), 0.7)
+        scale = noise_sigma / 0.408  # 0.408: measured std of unit white noise after that blur
+    else:
+        noise, scale = white, noise_sigma
+    noisy += np.multiply(noise, np.float32(scale), out=noise)
 
     masks = {
-        "body": body_mask.astype(bool),
-        "kidney": kidney_mask.astype(bool),
-        "lesion": lesion_mask.astype(bool),
+        # 0/1 uint8 canvases reinterpreted as bool without a copy
+        "body": body_mask.view(bool),
+        "kidney": kidney_mask.view(bool),
+        "lesion": lesion_mask.view(bool),
     }
     meta: dict[str, Any] = {
         "class_name": p.class_name,
@@ -799,15 +795,16 @@ def _draw_lesions(
         r = les.radius_mm * max(math.sqrt(max(0.0, 1.0 - d * d)), 0.6)
         if les.kind != "stone":  # stones get exact partial volume instead (_draw_stone)
             r = max(r, 0.5 * cv.px_mm)
-        local = np.zeros_like(lesion_mask)
         if les.kind == "stone":
-            _draw_stone(cv, x, y, r, les.hu, local)
+            _draw_stone(cv, x, y, r, les.hu, lesion_mask)
             value = les.hu  # the stone's material HU; small stones are diluted in their pixels
-        elif les.kind == "cyst":
-            cv.fill(_shape(x, y, r, r * 0.95, ang), 1, local)
+        elif les.kind == "cyst":  # homogeneous fluid, sharp wall
+            outline = _shape(x, y, r, r * 0.95, ang)
+            cv.fill(outline, 1, lesion_mask)
+            cv.fill(outline, les.hu)
             value = les.hu
-            cv.hu[local > 0] = value
         else:  # tumor: heterogeneous solid mass, irregular margin, optional necrotic centre
+            local = np.zeros_like(lesion_mask)
             cv.fill(_shape(x, y, r, r * 0.9, ang, les.shape), 1, local)
             enh = {"none": 0.0, "arterial": 70.0, "portal": 50.0}[p.phase] * p.enh
             ys, xs = np.nonzero(local)
@@ -824,7 +821,7 @@ def _draw_lesions(
                 vals = np.where(nec[ys, xs] > 0, 15.0 + 0.3 * grain, vals)
             cv.hu[ys, xs] = vals
             value = float(np.mean(vals)) if vals.size else les.hu + enh
-        lesion_mask |= local
+            lesion_mask |= local
         sizes.append(2.0 * r)
         hus.append(value)
         sides.append("right" if side < 0 else "left")  # patient side (image left = right)
