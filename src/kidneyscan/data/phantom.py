@@ -675,7 +675,8 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     lesion_mask = np.zeros((size, size), np.uint8)
     frames = {}
     for s in (-1, 1):
-        klev = lv - (p.left_offset if s == 1 else 0.0)
+        # the left kidney (image right) sits higher, so a slice cuts it nearer its lower pole
+        klev = lv + (p.left_offset if s == 1 else 0.0)
         f = _level_factor(klev)
         if f < 0.15:
             continue
