@@ -262,6 +262,7 @@ class _Patient:
     liver_scale: float
     bowel: list[tuple[float, float, float, float, float, str]]  # x, y, r, aspect, angle, content
     fat_hu: float
+    gallbladder: bool
     cancellous_hu: float
     bowel_contrast: bool
     phleboliths: list[tuple[float, float, float, float]]  # x, y, r, HU
@@ -340,6 +341,7 @@ def _sample_patient(
         liver_scale=float(rng.uniform(0.8, 1.15)),
         bowel=bowel,
         fat_hu=float(rng.uniform(-135, -105)),
+        gallbladder=bool(rng.random() < 0.6),
         cancellous_hu=float(rng.uniform(120, 240)),  # lower in osteopenic patients
         bowel_contrast=bowel_contrast,
         phleboliths=phleb,
@@ -575,9 +577,12 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         [(W - p.fat) / W, (H - 0.7 * p.fat) / H], dtype=np.float64
     )
     cv.fill(wall_out, t["muscle"])
-    cav_poly = centre + (body - centre) * np.array(
-        [(W - p.fat - 8) / W, (H - 0.7 * p.fat - 8) / H], dtype=np.float64
-    )
+    # wall thickness varies: rectus sheath in front (~12 mm), thin obliques at the flanks
+    radial = wall_out - centre
+    dist = np.hypot(radial[:, 0], radial[:, 1])
+    front = np.clip(-radial[:, 1] / dist, 0.0, 1.0)  # 1 straight anterior
+    thick = 4.0 + 8.0 * front**2
+    cav_poly = centre + radial * (1.0 - thick / dist)[:, None]
     cavity = np.zeros((size, size), np.uint8)
     cv.fill(cav_poly, 1, cavity)
     inner = np.full((size, size), t["vfat"], np.float32)
@@ -594,6 +599,17 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         -0.55 * W, cy + 0.05 * H, 0.62 * W * liver_s, 0.8 * H * liver_s, -25, p.body_shape[:4]
     )
     cv.fill(liver, t["liver"], inner)
+    lx, ly = -0.55 * W, cy + 0.05 * H
+    lrx, lry = 0.62 * W * liver_s, 0.8 * H * liver_s
+    if p.phase != "none":  # enhancing portal / hepatic veins inside the liver
+        for _ in range(int(tex.integers(3, 9))):
+            rr, th = 0.7 * math.sqrt(tex.random()), tex.uniform(0, 2 * math.pi)
+            vx, vy = lx + rr * lrx * math.cos(th), ly + rr * lry * math.sin(th)
+            cv.fill(_shape(vx, vy, 3.5, 2.2, tex.uniform(0, 180)), t["ivc"] + 20, inner)
+    if p.gallbladder and 0.15 < lv < 0.6:
+        # fluid-filled gallbladder at the liver's medial edge: a cyst mimic in every class
+        gx, gy = lx + 0.75 * lrx, ly - 0.3 * lry
+        cv.fill(_shape(gx, gy, 16, 12, 30), float(tex.uniform(0, 20)), inner)
     if lv < 0.55:
         spleen_s = (0.55 - lv) / 0.55
         sp = _shape(0.62 * W, cy + 0.3 * H, 0.28 * W * spleen_s + 4, 0.4 * H * spleen_s + 4, 50)
