@@ -55,3 +55,13 @@ def test_cli_eda(phantom_dir: Path, tmp_path: Path) -> None:
     assert "48 images" in ok.output and (tmp_path / "eda_summary.md").is_file()
     bad = runner.invoke(app, ["eda", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
     assert bad.exit_code == 2 and "not a directory" in bad.output
+
+
+@pytest.mark.realdata
+def test_eda_on_real_ct_kidney_sample(real_data: Path, tmp_path: Path) -> None:
+    result = run_eda(real_data, tmp_path, max_per_class=3, montage_size=2)
+    s = result.summary
+    assert s["n_images"] == sum(s["class_counts"].values()) and s["n_measured"] == 12
+    assert all(n > 0 for n in s["class_counts"].values())
+    assert s["image_sizes"] == {"512x512": 12}
+    assert s["site_class_mix"] == {}  # no phantom metadata in the real data
