@@ -196,6 +196,23 @@ def test_render_slice_rejects_bad_arguments(kwargs: dict, message: str) -> None:
         ph.render_slice(np.random.default_rng(0), site=ph.SiteProfile(), **args)
 
 
+def test_rerun_into_same_folder_leaves_no_stale_images(tmp_path: Path) -> None:
+    ph.generate_dataset(tmp_path, 12, seed=0, image_size=64)
+    ph.generate_dataset(tmp_path, 8, seed=1, image_size=64)
+    assert len(scan_dataset(tmp_path)) == 8
+    assert len(list(tmp_path.glob("*/*.jpg"))) == 8
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 24
+    assert len(list((tmp_path / "clean").glob("*.png"))) == 8
+
+
+def test_refuses_to_mix_with_foreign_images(tmp_path: Path) -> None:
+    (tmp_path / "Cyst").mkdir()
+    (tmp_path / "Cyst" / "real.jpg").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="not from a phantom run"):
+        ph.generate_dataset(tmp_path, 4, image_size=64)
+    assert (tmp_path / "Cyst" / "real.jpg").read_bytes() == b"not ours"
+
+
 def test_generate_dataset_and_site_profile_reject_bad_input(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n must be"):
         ph.generate_dataset(tmp_path, 0)

@@ -1088,6 +1088,7 @@ def generate_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
+    _clear_previous(out)
     for sub in (*CLASSES, "masks", "clean"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plan = _plan(n, seed, profiles)
@@ -1139,6 +1140,36 @@ def generate_dataset(
         for s in profiles:
             dw.writerow(asdict(s))
     return out
+
+
+def _clear_previous(out: Path) -> None:
+    """Remove the files of an earlier phantom in ``out`` so no stale image survives.
+
+    Only files listed in an earlier ``phantom_metadata.csv`` are removed; a folder holding
+    other images (real data, say) is refused rather than mixed with synthetic ones.
+    """
+    meta = out / "phantom_metadata.csv"
+    if meta.is_file():
+        with meta.open(newline="") as fh:
+            ids = [
+                (r["image_id"], r["path"])
+                for r in csv.DictReader(fh)
+                if r.get("image_id") and r.get("path") and ".." not in r["path"]
+            ]
+        for image_id, rel in ids:
+            for f in (
+                out / rel,
+                out / "clean" / f"{image_id}.png",
+                *(out / "masks" / f"{image_id}_{k}.png" for k in ("body", "kidney", "lesion")),
+            ):
+                f.unlink(missing_ok=True)
+    for c in CLASSES:
+        folder = out / c
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ValueError(
+                f"{out}: {c}/ already holds files that are not from a phantom run; "
+                "choose an empty output folder"
+            )
 
 
 def _to_u8(image: np.ndarray) -> np.ndarray:
