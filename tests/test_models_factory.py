@@ -119,3 +119,14 @@ def test_bad_requests_raise_clear_errors(name: str, kwargs: dict, message: str) 
 def test_num_classes_must_be_positive() -> None:
     with pytest.raises(ValueError, match="num_classes"):
         create_classifier("small_cnn", 0)
+
+
+def test_image_size_is_accepted_by_every_model() -> None:
+    # The engine passes image_size to any model; fixed-size transformers get it as img_size.
+    hybrid = create_classifier("hybrid", 4, backbone="convnext_atto", image_size=96, depth=1)
+    assert hybrid.grid_size == (3, 3)
+    vit = create_classifier("vit_tiny_patch16_224", 4, image_size=32)
+    assert vit(torch.randn(1, 3, 32, 32)).shape == (1, 4)
+    cnn = create_classifier("small_cnn", 4, width=4, image_size=96)
+    assert cnn(torch.randn(1, 3, 96, 96)).shape == (1, 4)
+    assert model_spec(cnn)["kwargs"]["image_size"] == 96
