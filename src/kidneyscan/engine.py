@@ -522,7 +522,8 @@ def embeddings(
     try:
         for x, y in loader:
             with _autocast(bf16, device):
-                f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
+                feat = model.forward_features(x.to(device))  # type: ignore[operator]
+                f = model.forward_head(feat, pre_logits=True)  # type: ignore[operator]
             feats.append(f.float().flatten(1).cpu())
             labels.append(torch.as_tensor(y))
     finally:

@@ -134,7 +134,7 @@ def make_loader(
         counts = np.bincount(labels, minlength=k).astype(np.float64)
         weights = 1.0 / counts[labels]
         sampler = WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double),
+            weights.tolist(),
             num_samples=len(ds),
             replacement=True,
             generator=gen,
