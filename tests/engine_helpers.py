@@ -33,5 +33,6 @@ def write_easy_dataset(root: Path, per_class: int = 12, size: int = 64, seed: in
                     y, x = rng.integers(2, size - 3, 2)
                     img[y - 1 : y + 2, x - 1 : x + 2] = 1.0
             arr = (np.clip(img, 0, 1) * 255).astype(np.uint8)
-            Image.fromarray(arr).save(root / name / f"{name}- ({i + 1}).png")
+            # Index gaps of 20 make every image its own block for the leakage-aware split.
+            Image.fromarray(arr).save(root / name / f"{name}- ({(i + 1) * 20}).png")
     return root

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from kidneyscan.config import ExperimentConfig, TrainConfig, save_config
 from kidneyscan.data.datasets import CLASSES, DataError, Sample, scan_dataset
-from kidneyscan.data.loaders import class_counts, make_loader, task_samples
+from kidneyscan.data.loaders import STONE_VS_NORMAL, class_counts, make_loader, task_samples
 from kidneyscan.engine import FitResult, fit, predict, set_seed, softmax
 from kidneyscan.evaluation.calibration import expected_calibration_error, fit_temperature
 from kidneyscan.evaluation.metrics import classification_metrics
@@ -74,6 +74,9 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dic
         if not cfg.pretrained and not cfg.weights and "freeze_fraction" not in kwargs:
             kwargs["freeze_fraction"] = 0.0
             log.info("hybrid without pretrained weights: training the whole backbone")
+    elif cfg.model in ("vit_b16", "swin_t") or cfg.model.startswith(("vit_", "swin")):
+        # Transformers with fixed patch grids must be built for the run's input size.
+        kwargs.setdefault("img_size", cfg.image_size)
     if cfg.in_chans != 3:
         kwargs.setdefault("in_chans", cfg.in_chans)
     model = create_classifier(
@@ -89,36 +92,68 @@ def param_count(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def split_samples(
-    samples: Sequence[Sample],
-    split_file: str | Path | None,
+    data: str | Path,
+    task: str = "multiclass",
+    split_file: str | Path | None = None,
     *,
     seed: int = 0,
     save_to: str | Path | None = None,
-) -> dict[str, list[Sample]]:
-    """Partition samples into ``train`` / ``val`` / ``test`` lists.
+) -> tuple[dict[str, list[Sample]], tuple[str, ...]]:
+    """Train / val / test samples of a dataset for a task.
 
-    With ``split_file`` the saved split is applied; without it a leakage-aware stratified
-    group split is made with :mod:`kidneyscan.data.splits` (and saved to ``save_to``).
+    The split is always made on (or read for) the full four-class data, so one split file
+    serves both tasks; the task's class selection is applied afterwards.
+
+    Parameters
+    ----------
+    data
+        Dataset folder.
+    task
+        ``multiclass`` or ``stone-vs-normal``.
+    split_file
+        A split CSV from :func:`kidneyscan.data.splits.save_split` (``kidneyscan split``);
+        without it a leakage-aware stratified group split is made with
+        :func:`kidneyscan.data.splits.make_split` (groups: patient IDs where known, otherwise
+        index blocks + perceptual-hash clusters).
+    seed
+        Seed of a new split.
+    save_to
+        Where to save a new split (CSV with paths relative to ``data``).
+
+    Returns
+    -------
+    parts, classes
+        ``{"train", "val", "test"}`` sample lists (relabelled for the task) and class names.
 
     Raises
     ------
     DataError
-        If a split is empty or the split file does not match the data.
+        If the split file does not match the data, or train or val is empty for the task.
     """
-    from kidneyscan.data import splits as sp
+    from kidneyscan.data.splits import load_split, make_split, save_split
 
     if split_file is not None:
-        assignment = sp.load_split(split_file)
+        split = load_split(split_file, root=data)
     else:
-        assignment = sp.make_split(list(samples), seed=seed)
-    parts = sp.apply_split(list(samples), assignment)
-    if save_to is not None:
-        sp.save_split(assignment, save_to)
-    out = {name: list(parts.get(name, [])) for name in SPLITS}
+        split = make_split(scan_dataset(data), seed=seed)
+        if save_to is not None:
+            save_split(split, save_to, root=data)
+    parts: dict[str, list[Sample]] = {}
+    classes: tuple[str, ...] = CLASSES
+    for name in SPLITS:
+        members = list(split.get(name, []))
+        if task != "multiclass":
+            members = [s for s in members if s.class_name in STONE_VS_NORMAL]
+        parts[name], classes = task_samples(members, task) if members else ([], classes)
+    if task != "multiclass":
+        classes = STONE_VS_NORMAL
     for name in ("train", "val"):
-        if not out[name]:
-            raise DataError(f"split has no {name!r} images (split file: {split_file or 'new'})")
-    return out
+        if not parts[name]:
+            raise DataError(
+                f"split has no {name!r} images for task {task} "
+                f"(split file: {split_file or 'new split'})"
+            )
+    return parts, classes
 
 
 def _metrics_for(
@@ -175,17 +210,10 @@ def train_central(
     save_config(cfg, out / "config.yaml")
     tc = cfg.train
     set_seed(tc.seed)
-    all_samples, classes = task_samples(scan_dataset(data), cfg.task)
-    split_path = out / "split.csv"
-    parts = split_samples(
-        all_samples,
-        split_file,
-        seed=tc.seed,
-        save_to=split_path if split_file is None else None,
+    split_path = out / "split.csv" if split_file is None else Path(split_file).resolve()
+    parts, classes = split_samples(
+        data, cfg.task, split_file, seed=tc.seed, save_to=split_path if split_file is None else None
     )
-    if split_file is not None:
-        split_path = Path(split_file).resolve()
-        # A split file for the 4-class data also serves the binary task: keep selected images.
     k = len(classes)
     counts = {name: class_counts(parts[name], k).tolist() for name in SPLITS}
     log.info("split sizes %s", {n: len(v) for n, v in parts.items()})
@@ -347,12 +375,11 @@ def select_eval_samples(
     data: str | Path, task: str, split_file: str | Path | None, subset: str = "test"
 ) -> tuple[list[Sample], tuple[str, ...]]:
     """Samples to evaluate on: ``subset`` of a split file, or every image in ``data``."""
-    samples, classes = task_samples(scan_dataset(data), task)
-    if split_file is None:
-        return samples, classes
     if subset not in SPLITS:
         raise ValueError(f"subset must be one of {SPLITS}, got {subset!r}")
-    parts = split_samples(samples, split_file)
+    if split_file is None:
+        return task_samples(scan_dataset(data), task)
+    parts, classes = split_samples(data, task, split_file)
     if not parts[subset]:
         raise DataError(f"{split_file}: no {subset!r} images for task {task}")
     return parts[subset], classes
