@@ -387,3 +387,16 @@ def test_fit_requires_smote_loader(samples: list, pre: Preprocessor) -> None:
     loader = make_loader(samples, pre, train=False, batch_size=16)
     with pytest.raises(ValueError, match="smote_loader"):
         fit(TinyNet(), loader, loader, TrainConfig(smote=True), classes=CLASS_NAMES, progress=False)
+
+
+def test_cache_serves_later_epochs_from_memory(tmp_path: Path, pre: Preprocessor) -> None:
+    root = write_easy_dataset(tmp_path / "d", per_class=2)
+    s = scan_dataset(root)
+    loader = make_loader(s, pre, train=False, batch_size=8, cache=True)
+    first = next(iter(loader))[0]
+    for sample in s:
+        sample.path.unlink()  # a second pass can only succeed from the cache
+    assert torch.equal(next(iter(loader))[0], first)
+    uncached = make_loader(s, pre, train=False, batch_size=8)
+    with pytest.raises(DataError, match="not found"):
+        next(iter(uncached))

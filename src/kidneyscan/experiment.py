@@ -86,6 +86,30 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dic
     return model, dict(spec)
 
 
+def make_preprocessor(cfg: ExperimentConfig) -> Preprocessor:
+    """The run's Preprocessor: config steps and size, mean/std from the model's data config.
+
+    Mean and std follow timm's data config for the architecture (e.g. 0.5/0.5 for
+    EfficientNet-Lite, ImageNet statistics for ConvNeXt), which matters when pretrained
+    weights are used.
+    """
+    from kidneyscan.models.factory import default_cfg
+
+    try:
+        dc = default_cfg(cfg.model, **{**cfg.model_kwargs, "image_size": cfg.image_size})
+        mean, std = tuple(dc["mean"]), tuple(dc["std"])
+    except ValueError:
+        # Unknown to timm's registry (custom name): keep the ImageNet defaults.
+        mean, std = Preprocessor().mean, Preprocessor().std
+    return Preprocessor(
+        steps=list(cfg.steps),
+        image_size=cfg.image_size,
+        in_chans=cfg.in_chans,
+        mean=mean,
+        std=std,
+    )
+
+
 def param_count(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
@@ -218,7 +242,7 @@ def train_central(
     counts = {name: class_counts(parts[name], k).tolist() for name in SPLITS}
     log.info("split sizes %s", {n: len(v) for n, v in parts.items()})
 
-    pre = Preprocessor(steps=list(cfg.steps), image_size=cfg.image_size, in_chans=cfg.in_chans)
+    pre = make_preprocessor(cfg)
     model, spec = build_model(cfg, k)
     bal = tc.class_weighting == "sampler"
     train_loader = make_loader(
@@ -231,8 +255,14 @@ def train_central(
         seed=tc.seed,
         num_workers=tc.num_workers,
         num_classes=k,
+        cache=tc.cache_images,
     )
-    eval_kw = {"train": False, "batch_size": max(tc.batch_size, 32), "num_workers": tc.num_workers}
+    eval_kw = {
+        "train": False,
+        "batch_size": max(tc.batch_size, 32),
+        "num_workers": tc.num_workers,
+        "cache": tc.cache_images,
+    }
     val_loader = make_loader(parts["val"], pre, **eval_kw)  # type: ignore[arg-type]
     smote_loader = make_loader(parts["train"], pre, **eval_kw) if tc.smote else None  # type: ignore[arg-type]
 
@@ -514,7 +544,7 @@ def evaluate_ensemble(
     return metrics
 
 
-def demo_config(image_size: int = 96, epochs: int = 8, seed: int = 0) -> ExperimentConfig:
+def demo_config(image_size: int = 64, epochs: int = 6, seed: int = 0) -> ExperimentConfig:
     """The demo's small hybrid config: convnext_atto backbone, 1 encoder block, 128-d tokens."""
     return ExperimentConfig(
         model="hybrid",
@@ -523,10 +553,11 @@ def demo_config(image_size: int = 96, epochs: int = 8, seed: int = 0) -> Experim
         train=TrainConfig(
             epochs=epochs,
             batch_size=32,
-            lr=2e-3,
+            lr=1e-3,
             warmup_epochs=1,
             seed=seed,
             early_stopping_patience=4,
+            cache_images=True,
         ),
     )
 
@@ -534,9 +565,9 @@ def demo_config(image_size: int = 96, epochs: int = 8, seed: int = 0) -> Experim
 def demo_central(
     out_dir: str | Path,
     *,
-    n: int = 400,
-    image_size: int = 96,
-    epochs: int = 8,
+    n: int = 320,
+    image_size: int = 64,
+    epochs: int = 6,
     seed: int = 0,
     sites: int = 3,
     progress: bool = True,

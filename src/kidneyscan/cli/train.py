@@ -61,6 +61,16 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise typer.BadParameter(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def _print_metrics(metrics: dict[str, Any], title: str) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -136,12 +146,19 @@ def train(
         None, "--channels-last/--no-channels-last", help="Channels-last memory format."
     ),
     workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    cache: bool | None = typer.Option(
+        None, "--cache/--no-cache", help="Keep preprocessed images in memory between epochs."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice; 1 on busy machines)."
+    ),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for CIs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every epoch."),
 ) -> None:
     """Train a model centrally: split, fit, calibrate, evaluate, checkpoint and report."""
     _setup_logging(verbose)
+    _set_threads(threads)
     from kidneyscan.config import ConfigError, ExperimentConfig, load_config
     from kidneyscan.data.datasets import DataError
     from kidneyscan.experiment import train_central
@@ -175,6 +192,7 @@ def train(
             "bf16": bf16,
             "channels_last": channels_last,
             "num_workers": workers,
+            "cache_images": cache,
         }
         train_changes = {k: v for k, v in tr.items() if v is not None}
         if train_changes:
@@ -299,13 +317,15 @@ def compare(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo run folder."),
-    n: int = typer.Option(400, "--n", help="Phantom images to generate."),
-    image_size: int = typer.Option(96, "--image-size", help="Model input side in pixels."),
-    epochs: int = typer.Option(8, "--epochs", help="Maximum training epochs."),
+    n: int = typer.Option(320, "--n", help="Phantom images to generate."),
+    image_size: int = typer.Option(64, "--image-size", help="Model input side in pixels."),
+    epochs: int = typer.Option(6, "--epochs", help="Maximum training epochs."),
     seed: int = typer.Option(0, "--seed", help="Random seed (phantom and training)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
 ) -> None:
     """Phantom data -> split -> train the hybrid -> evaluate -> report and checkpoint."""
     _setup_logging(False)
+    _set_threads(threads)
     from kidneyscan.experiment import demo_central
 
     res = demo_central(out, n=n, image_size=image_size, epochs=epochs, seed=seed)
