@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from preprocess_synth import synth_slice
 
 from kidneyscan.preprocess import enhance, metrics, morphology
+from preprocess_synth import synth_slice
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def test_contract_shape_dtype_range(fn, params, image: np.ndarray) -> None:  # t
     out = fn(image, **params)
     assert out.shape == image.shape
     assert out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
     assert not np.array_equal(out, image), f"{fn.__name__} did nothing"
 
 

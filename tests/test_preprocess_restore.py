@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from preprocess_synth import synth_slice
 
 from kidneyscan.preprocess import metrics, noise, restore
+from preprocess_synth import synth_slice
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_noise_models_are_seeded_and_in_range(kind: str, clean: np.ndarray) -> N
     b = noise.add_noise(clean, kind, rng=np.random.default_rng(7))
     c = noise.add_noise(clean, kind, rng=8)
     assert a.shape == clean.shape and a.dtype == np.float32
-    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert a.min() >= 0.0 and a.max() <= 1.0
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
     assert metrics.psnr(clean, a) < 35.0  # it really degrades
@@ -68,7 +68,7 @@ def test_restoration_contract(fn, params, clean: np.ndarray) -> None:  # type: i
     noisy = noise.add_gaussian(clean, sigma=0.05, rng=1)
     out = fn(noisy, **params)
     assert out.shape == clean.shape and out.dtype == np.float32
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
 
 
 def test_median_raises_psnr_on_salt_and_pepper_by_8_db(clean: np.ndarray) -> None:
