@@ -1,1 +1,1 @@
-"""Federated learning with Flower across hospitals: apps, privacy, secure aggregation."""
+"""Federated learning with Flower: apps, privacy, secure aggregation, deployment."""
