@@ -27,28 +27,15 @@ def split_test(
 ) -> tuple[list[Sample], list[Sample]]:
     """Split off the server's held-out test set: ``(train_pool, test)``.
 
-    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split` (neighbouring slices and
-    near-duplicates stay on one side) when available.
+    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split`: one patient's slices,
+    neighbouring slices and near-duplicates stay on one side.
     """
+    from kidneyscan.data.splits import make_split
+
     if not 0.0 < test_fraction < 1.0:
         raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
-    try:
-        from kidneyscan.data.splits import make_split
-    except ImportError:
-        make_split = None
-    if make_split is not None:
-        parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
-        return list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
-    from sklearn.model_selection import train_test_split
-
-    log.warning("kidneyscan.data.splits not available: stratified split without grouping")
-    train, test = train_test_split(
-        list(samples),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=[s.label for s in samples],
-    )
-    return list(train), list(test)
+    parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
+    return list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
 
 
 def prepare_run(

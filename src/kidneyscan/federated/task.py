@@ -341,9 +341,7 @@ def train_local(
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
     # The engine's proximal term wants every parameter (frozen ones included), in order.
-    global_params = (
-        [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    )
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
     stats: dict[str, float] = {}
     for _ in range(int(cfg["local-epochs"])):
