@@ -135,6 +135,7 @@ def run_dataset(
             "out-dir": str(run_dir),
             "partition-file": prepared["partition-file"],
             "test-file": prepared["test-file"],
+            "split-file": prepared["split-file"],
             "num-clients": run["clients"],
             **run["config"],
         }
@@ -220,6 +221,7 @@ def main() -> None:
     p.add_argument("--no-dp", action="store_true")
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--quick", action="store_true", help="tiny smoke run (numbers meaningless)")
+    p.add_argument("--tag", default="", help="suffix of the result files (federated_TAG.*)")
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "federated")
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     args = p.parse_args()
@@ -258,6 +260,8 @@ def main() -> None:
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = "federated_quick" if args.quick else "federated"
+    if args.tag:
+        stem += f"_{args.tag}"
     (args.results / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "rows": rows}, indent=2, default=float)
     )

@@ -271,6 +271,7 @@ def test_bytes_per_round_match_fp16_trainable_payload(federated_run: tuple) -> N
 @pytest.mark.slow
 def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
     from kidneyscan.data.partition import load_partition
+    from kidneyscan.data.splits import load_split
 
     _, out = federated_run
     parts = load_partition(out / "partitions.csv")
@@ -280,6 +281,8 @@ def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
 
     train_paths = {str(s.path) for p in parts for s in p}
     assert train_paths.isdisjoint(str(s.path) for s in test)
+    split = load_split(out / "split.csv")  # the standard split file, for `kidneyscan evaluate`
+    assert {str(s.path) for s in split["test"]} == {str(s.path) for s in test}
     assert [{s.site for s in p} for p in parts] == [{"site0"}, {"site1"}, {"site2"}]
     for c in history[0]["clients"]:
         part = parts[c["partition-id"]]

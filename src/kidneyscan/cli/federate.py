@@ -129,6 +129,7 @@ def federate(
             prepared = {
                 "partition-file": str((out / "partitions.csv").resolve()),
                 "test-file": str((out / "test.csv").resolve()),
+                "split-file": str((out / "split.csv").resolve()),
                 "summary": [],
             }
         else:
@@ -165,6 +166,7 @@ def federate(
             "resume": resume,
             "partition-file": prepared["partition-file"],
             "test-file": prepared["test-file"],
+            "split-file": prepared["split-file"],
             "num-clients": clients,
             "dp": dp,
         }

@@ -259,7 +259,7 @@ def _metadata(
         "preprocessing": pre.to_dict(),
         "temperature": 1.0,  # the server holds no validation images to calibrate on
         "metrics": dict(metrics),
-        "split_file": str(cfg.get("test-file", "")),
+        "split_file": str(cfg.get("split-file") or cfg.get("test-file", "")),
         "task": "multiclass",
         "input_size": int(cfg["image-size"]),
         "normalisation": {"mean": list(pre.mean), "std": list(pre.std)},

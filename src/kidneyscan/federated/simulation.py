@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def split_test(
-    samples: Sequence[Sample], test_fraction: float, seed: int
+    samples: Sequence[Sample], test_fraction: float, seed: int, *, save_to: Path | None = None
 ) -> tuple[list[Sample], list[Sample]]:
     """Split off the server's held-out test set: ``(train_pool, test)``.
 
@@ -34,8 +34,14 @@ def split_test(
 
     if not 0.0 < test_fraction < 1.0:
         raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
+    from kidneyscan.data.splits import Split, save_split
+
     parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
-    return list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
+    pool, test = list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
+    if save_to is not None:
+        # The standard split CSV, so `kidneyscan evaluate --split` scores the same test images.
+        save_split(Split({"train": pool, "test": test}, parts.groups, parts.info), save_to)
+    return pool, test
 
 
 def prepare_run(
@@ -51,17 +57,20 @@ def prepare_run(
 ) -> dict[str, Any]:
     """Write ``partitions.csv`` (clients' training rows) and ``test.csv`` (server) to ``out_dir``.
 
+    Also writes ``split.csv`` (train pool / test, the project's split format).
+
     Returns
     -------
     dict
-        Run-config entries to pass on: ``partition-file``, ``test-file``, ``num-clients``,
+        Run-config entries to pass on: ``partition-file``, ``test-file``, ``split-file``,
+        ``num-clients``,
         plus ``summary`` (per-client counts) for display.
     """
     from kidneyscan.data.partition import partition_samples, partition_summary, save_partitions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pool, test = split_test(samples, test_fraction, seed)
+    pool, test = split_test(samples, test_fraction, seed, save_to=out / "split.csv")
     parts = partition_samples(
         pool, num_clients, scheme=partitioning, alpha=alpha, min_samples=min_samples, seed=seed
     )
@@ -72,6 +81,7 @@ def prepare_run(
     return {
         "partition-file": str(part_file.resolve()),
         "test-file": str(test_file.resolve()),
+        "split-file": str((out / "split.csv").resolve()),
         "num-clients": num_clients,
         "summary": summary,
         "n_test": len(test),
@@ -221,6 +231,7 @@ def demo_federated(
         "out-dir": str(out),
         "partition-file": prepared["partition-file"],
         "test-file": prepared["test-file"],
+        "split-file": prepared["split-file"],
         "num-clients": sites,
     }
     return simulate(config, num_clients=sites)

@@ -62,6 +62,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "seed": 0,
     "partition-file": "",
     "test-file": "",
+    "split-file": "",
     "out-dir": "runs/federated",
     "resume": False,
     "round-timeout": 3600.0,
