@@ -59,12 +59,17 @@ def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
 
 
 def _load_test(cfg: Mapping[str, Any]) -> list[Sample]:
-    if not cfg.get("test-file"):
-        log.warning("no test-file in the run config: no server-side evaluation")
-        return []
-    from kidneyscan.data.partition import load_partition
+    """The server's held-out test images: ``test-file`` (simulation) or ``test-dir`` (deployment)."""
+    if cfg.get("test-file"):
+        from kidneyscan.data.partition import load_partition
 
-    return load_partition(str(cfg["test-file"]))[0]
+        return load_partition(str(cfg["test-file"]))[0]
+    if cfg.get("test-dir"):
+        from kidneyscan.data.datasets import scan_dataset
+
+        return scan_dataset(str(cfg["test-dir"]))
+    log.warning("no test-file / test-dir in the run config: no server-side evaluation")
+    return []
 
 
 def _save_state(state_dir: Path, named: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:

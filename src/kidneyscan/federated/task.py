@@ -62,6 +62,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "seed": 0,
     "partition-file": "",
     "test-file": "",
+    "test-dir": "",
     "split-file": "",
     "out-dir": "runs/federated",
     "resume": False,
