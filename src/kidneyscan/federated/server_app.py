@@ -59,7 +59,7 @@ def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
 
 
 def _load_test(cfg: Mapping[str, Any]) -> list[Sample]:
-    """The server's held-out test images: ``test-file`` (simulation) or ``test-dir`` (deployment)."""
+    """Server-side held-out test images: ``test-file`` (simulation) or ``test-dir`` (deployment)."""
     if cfg.get("test-file"):
         from kidneyscan.data.partition import load_partition
 
