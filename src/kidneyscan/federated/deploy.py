@@ -338,6 +338,7 @@ class LocalFederation:
                 raise DeploymentError(f"{tool} not found in {self.bin_dir}")
         self.superlink: ManagedProcess | None = None
         self.nodes: list[ManagedProcess] = []
+        self.extra_nodes: list[ManagedProcess] = []
         self.port = 0
         self.credentials: Credentials | None = None
 
@@ -432,12 +433,11 @@ class LocalFederation:
             assert self.credentials is not None
             for i in range(self.num_nodes):
                 self.flwr("supernode", "register", str(self.credentials.node_public_key(i)))
-        for i in range(self.num_nodes):
-            self.nodes.append(self.start_node(i))
+        self.nodes = [self.start_node(i) for i in range(self.num_nodes)]
         return self
 
     def start_node(self, index: int) -> ManagedProcess:
-        """Start SuperNode ``index`` (also used to bring a killed node back)."""
+        """Start SuperNode ``index`` (one beyond ``num_nodes`` is still stopped by ``stop``)."""
         assert self.bin_dir is not None
         config = (
             self.node_configs[index]
@@ -464,7 +464,10 @@ class LocalFederation:
         if self.auth:
             assert self.credentials is not None
             argv += ["--auth-supernode-private-key", str(self.credentials.node_key(index))]
-        return self._spawn(f"supernode-{index}", argv)
+        proc = self._spawn(f"supernode-{index}", argv)
+        if self.nodes and index >= len(self.nodes):
+            self.extra_nodes.append(proc)
+        return proc
 
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this federation's connection."""
@@ -541,9 +544,15 @@ class LocalFederation:
             traffic=dict(info.get("network-traffic", {})),
         )
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every process group started here, SIGKILL what is left after ``grace_s``."""
-        procs = [*self.nodes, *([self.superlink] if self.superlink else [])]
+    def stop(self, grace_s: float = 10.0) -> list[int]:
+        """SIGTERM every process group started here, SIGKILL what is left after ``grace_s``.
+
+        Returns
+        -------
+        list of int
+            Pids still alive in those groups 5 s after SIGKILL (empty when all are gone).
+        """
+        procs = [*self.nodes, *self.extra_nodes, *([self.superlink] if self.superlink else [])]
         for proc in procs:
             proc.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -555,6 +564,14 @@ class LocalFederation:
             proc.signal(signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
+        deadline = time.monotonic() + 5.0
+        left = [pid for proc in procs for pid in group_members(proc.pid)]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = [pid for proc in procs for pid in group_members(proc.pid)]
+        if left:
+            LOGGER.warning("processes still alive after stop: %s", left)
+        return left
 
     def __enter__(self) -> LocalFederation:
         return self.start()
