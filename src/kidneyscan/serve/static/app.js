@@ -42,6 +42,12 @@
       img.src = URL.createObjectURL(file);
       img.alt = "";
       img.onload = () => URL.revokeObjectURL(img.src);
+      img.onerror = () => {
+        const ph = document.createElement("div");
+        ph.className = "ph";
+        ph.textContent = "?";
+        img.replaceWith(ph);
+      };
       fig.appendChild(img);
     } else {
       const ph = document.createElement("div");
@@ -115,6 +121,8 @@
     const ex = r.explanation;
     const src = "data:image/png;base64," + ex.image_png;
     card.querySelector(".original").src = src;
+    card.querySelector(".input-caption").textContent =
+      "Model input (" + ex.size[0] + " x " + ex.size[1] + " px, after preprocessing)";
     card.querySelector(".base").src = src;
     const heat = card.querySelector(".heatmap");
     heat.src = "data:image/png;base64," + ex.heatmap_png;
