@@ -35,24 +35,60 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+#: Factory options that fetch weights: the checkpoint already holds every weight, so they are
+#: dropped when rebuilding (no hub access, no dependence on a local file still existing).
+_WEIGHT_SOURCE_KWARGS = ("pretrained", "weights")
+
+
+def load_time_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Factory kwargs of a checkpoint without weight sources (``pretrained``, ``weights``)."""
+    return {k: v for k, v in kwargs.items() if k not in _WEIGHT_SOURCE_KWARGS}
+
+
 def save_checkpoint(out_dir: str | Path, model: nn.Module, metadata: dict[str, Any]) -> Path:
     """Write weights and metadata to ``out_dir``; returns the folder.
 
-    ``metadata`` must contain ``model`` (``{"name": ..., "kwargs": {...}}``), ``classes`` and
-    ``preprocessing``; ``code_version`` and ``weights_sha256`` are filled in here.
+    Parameters
+    ----------
+    out_dir
+        Folder to create or overwrite (``model.safetensors`` + ``metadata.json``).
+    model
+        The trained model; an Opacus ``GradSampleModule`` / DDP wrapper is unwrapped.
+    metadata
+        Must contain ``classes`` and ``preprocessing``; ``model`` (``{"name", "kwargs"}``) is
+        taken from the model's ``kidneyscan_spec`` when absent. ``temperature`` defaults to 1.0;
+        ``code_version`` and ``weights_sha256`` are filled in here.
     """
+    model = _unwrap(model)
+    meta = dict(metadata)
+    spec: Any = getattr(model, "kidneyscan_spec", None)
+    if "model" not in meta and isinstance(spec, dict):
+        meta["model"] = {"name": spec["name"], "kwargs": dict(spec["kwargs"])}
     for key in ("model", "classes", "preprocessing"):
-        if key not in metadata:
+        if key not in meta:
             raise CheckpointError(f"checkpoint metadata lacks {key!r}")
+    meta["model"] = {
+        "name": meta["model"]["name"],
+        "kwargs": load_time_kwargs(dict(meta["model"].get("kwargs", {}))),
+    }
+    meta.setdefault("temperature", 1.0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS_FILE))
-    meta = dict(metadata)
     meta["code_version"] = __version__
     meta["weights_sha256"] = sha256_file(out / WEIGHTS_FILE)
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # Opacus' GradSampleModule keeps the model in ._module, DataParallel/DDP in .module.
+    for attr in ("_module", "module"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module):
+            return _unwrap(inner)
+    return model
 
 
 def read_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -75,9 +111,23 @@ def load_checkpoint(ckpt_dir: str | Path, *, verify: bool = True) -> tuple[nn.Mo
         raise CheckpointError(f"{ckpt}: no {WEIGHTS_FILE}")
     if verify and meta.get("weights_sha256") and sha256_file(wfile) != meta["weights_sha256"]:
         raise CheckpointError(f"{wfile}: SHA-256 does not match metadata.json (file changed?)")
-    spec = meta["model"]
-    model = create_classifier(spec["name"], len(meta["classes"]), **spec.get("kwargs", {}))
-    missing, unexpected = model.load_state_dict(load_file(str(wfile)), strict=False)
+    spec = meta.get("model")
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise CheckpointError(f"{ckpt}: metadata.json has no model name ('model': {{'name': ...}})")
+    classes = meta.get("classes")
+    if not isinstance(classes, list) or not classes:
+        raise CheckpointError(f"{ckpt}: metadata.json has no class list ('classes')")
+    kwargs = load_time_kwargs(spec.get("kwargs", {}))
+    try:
+        model = create_classifier(spec["name"], len(classes), **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise CheckpointError(f"{ckpt}: cannot rebuild model {spec['name']!r}: {exc}") from exc
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(wfile)), strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        raise CheckpointError(
+            f"{wfile}: weights do not fit model {spec['name']!r}: {str(exc)[:300]}"
+        ) from exc
     if missing or unexpected:
         raise CheckpointError(
             f"{wfile}: weights do not fit model {spec['name']!r} "

@@ -1,0 +1,1 @@
+"""Data layer: CT-KIDNEY / ImageFolder datasets, DICOM, phantom, splits, partitions."""

@@ -1,0 +1,625 @@
+"""Safe DICOM reading for CT: Hounsfield units, named windows, series, de-identification.
+
+Every reader returns the same kind of image as the JPEG path of
+:func:`kidneyscan.data.datasets.load_image`: float32 ``(H, W)`` in ``[0, 1]``, here obtained by
+converting stored values to Hounsfield units (``RescaleSlope`` / ``RescaleIntercept``, through
+pydicom's modality LUT) and applying a display window.
+
+Reading is defensive because DICOM comes from users of the web service: the header is read first
+without pixels (``stop_before_pixels``) and checked (modality, photometric interpretation, image
+size, sequence nesting depth) before any pixel data is decoded; every failure is a
+:class:`~kidneyscan.data.datasets.DataError` naming the source and the reason. Patient data never
+enters a message or the metadata returned by :func:`load_dicom_bytes`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kidneyscan.data.datasets import DataError
+
+log = logging.getLogger(__name__)
+
+#: Named display windows as ``(width, level)`` in HU.
+#: ``abdomen`` is the soft-tissue window the public CT-KIDNEY JPEGs are shown in; ``bone`` the
+#: usual bone window; ``stone`` is centred between enhancing parenchyma (<= ~200 HU) and calcium
+#: stones (200-1500 HU) so that stones stay separable from contrast-enhanced kidney and only the
+#: densest calcium oxalate stones saturate, while fat and soft tissue stay visible at the dark end.
+WINDOWS: dict[str, tuple[float, float]] = {
+    "abdomen": (400.0, 40.0),
+    "bone": (1800.0, 400.0),
+    "stone": (1200.0, 300.0),
+}
+#: Pseudo-window name: use the window stored in the file (WindowWidth / WindowCenter).
+FILE_WINDOW = "file"
+
+SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+MAX_SEQUENCE_DEPTH = 8
+MAX_PIXELS = 4096 * 4096
+MAX_BYTES = 64 * 1024 * 1024
+
+#: Attributes removed by :func:`deidentify` (a subset of the DICOM PS3.15 basic profile that
+#: covers every identifying attribute pydicom's and common CT test files carry).
+PHI_KEYWORDS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "OtherPatientIDs",
+    "OtherPatientIDsSequence",
+    "OtherPatientNames",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "PatientAge",
+    "PatientSex",
+    "PatientSize",
+    "PatientWeight",
+    "EthnicGroup",
+    "Occupation",
+    "MilitaryRank",
+    "BranchOfService",
+    "MedicalRecordLocator",
+    "AdditionalPatientHistory",
+    "PatientComments",
+    "PatientInsurancePlanCodeSequence",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "InstanceCreationDate",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "InstanceCreationTime",
+    "AcquisitionDateTime",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "InstitutionCodeSequence",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "ReferringPhysicianTelephoneNumbers",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "OperatorsName",
+    "StationName",
+    "DeviceSerialNumber",
+    "RequestAttributesSequence",
+    "StudyDescription",
+    "SeriesDescription",
+    "RequestedProcedureDescription",
+    "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID",
+    "ScheduledProcedureStepID",
+    "ImageComments",
+    "FrameComments",
+)
+#: UIDs replaced by :func:`deidentify` with a stable hash, so slices of one series stay together.
+UID_KEYWORDS: tuple[str, ...] = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A display window in HU: ``width`` and ``level`` (centre), with the name it came from."""
+
+    width: float
+    level: float
+    name: str = "custom"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly form, used in :func:`load_dicom_bytes` metadata."""
+        return {"name": self.name, "width": self.width, "level": self.level}
+
+
+def resolve_window(
+    window: str | tuple[float, float] | Window, ds: Any | None = None, *, source: str = "DICOM"
+) -> Window:
+    """Turn a window name, ``(width, level)`` pair or :class:`Window` into a :class:`Window`.
+
+    Parameters
+    ----------
+    window
+        A key of :data:`WINDOWS`, ``"file"`` (the WindowWidth / WindowCenter stored in ``ds``),
+        a ``(width, level)`` tuple in HU, or a :class:`Window`.
+    ds
+        The dataset, needed only for ``"file"``.
+    source
+        Name used in error messages.
+
+    Raises
+    ------
+    DataError
+        For an unknown name, a non-positive width, or ``"file"`` when the file stores no window.
+    """
+    if isinstance(window, Window):
+        win = window
+    elif isinstance(window, str):
+        key = window.strip().lower()
+        if key == FILE_WINDOW:
+            win = _file_window(ds, source)
+        elif key in WINDOWS:
+            width, level = WINDOWS[key]
+            win = Window(width, level, key)
+        else:
+            names = ", ".join([*WINDOWS, FILE_WINDOW])
+            raise DataError(f"{source}: unknown window {window!r}; expected one of {names}")
+    else:
+        try:
+            width, level = (float(v) for v in window)
+        except (TypeError, ValueError):
+            raise DataError(
+                f"{source}: window must be a name or (width, level), got {window!r}"
+            ) from None
+        win = Window(width, level)
+    if not np.isfinite(win.width) or not np.isfinite(win.level) or win.width <= 0:
+        raise DataError(f"{source}: window width must be a positive number, got {win.width}")
+    return win
+
+
+def _file_window(ds: Any | None, source: str) -> Window:
+    if ds is None or "WindowWidth" not in ds or "WindowCenter" not in ds:
+        raise DataError(f"{source}: window 'file' requested but the file stores no window")
+
+    def first(v: Any) -> float:
+        # Multi-valued (VM > 1) windows list alternatives; the first is the scanner's default.
+        if isinstance(v, Iterable) and not isinstance(v, str):
+            return float(next(iter(v)))
+        return float(v)
+
+    return Window(first(ds.WindowWidth), first(ds.WindowCenter), FILE_WINDOW)
+
+
+def apply_window(
+    hu: np.ndarray, window: str | tuple[float, float] | Window = "abdomen"
+) -> np.ndarray:
+    """Map HU values to display intensities in ``[0, 1]`` with a linear window.
+
+    Parameters
+    ----------
+    hu
+        Array of Hounsfield units (any shape, any real dtype).
+    window
+        A name from :data:`WINDOWS`, a ``(width, level)`` tuple in HU or a :class:`Window`
+        (``"file"`` needs a dataset: use :func:`load_dicom_image` for that).
+
+    Returns
+    -------
+    np.ndarray
+        float32 array of ``hu``'s shape: 0 at ``level - width / 2`` and below, 1 at
+        ``level + width / 2`` and above.
+    """
+    win = resolve_window(window, None, source="apply_window")
+    lo = win.level - win.width / 2.0
+    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(win.width)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+def _check_depth(ds: Any, source: str, limit: int, depth: int = 0) -> None:
+    """Raise when sequences nest deeper than ``limit``.
+
+    pydicom parses sequence items lazily, so walking level by level and stopping at the limit
+    never parses (or recurses into) the excess levels of a hostile file.
+    """
+    for elem in ds:
+        if elem.VR == "SQ":
+            if depth + 1 > limit:
+                raise DataError(f"{source}: sequences nested deeper than {limit} levels")
+            for item in elem.value:
+                _check_depth(item, source, limit, depth + 1)
+
+
+def _dcmread(fh: io.BufferedIOBase | io.BytesIO, *, stop_before_pixels: bool, source: str) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as exc:
+        raise DataError(f"{source}: not a DICOM file ({exc})") from exc
+    except (EOFError, OSError) as exc:
+        raise DataError(f"{source}: truncated or unreadable DICOM ({exc})") from exc
+    except RecursionError as exc:
+        raise DataError(f"{source}: sequences nested too deeply to parse") from exc
+    except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed input
+        raise DataError(f"{source}: malformed DICOM ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_header(ds: Any, source: str, *, require_ct: bool, max_pixels: int, depth: int) -> None:
+    try:
+        _check_depth(ds, source, depth)
+    except RecursionError as exc:
+        raise DataError(f"{source}: sequences nested too deeply to parse") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed sequence items
+        raise DataError(f"{source}: malformed sequence ({type(exc).__name__}: {exc})") from exc
+    modality = str(ds.get("Modality", "")).upper()
+    if require_ct and modality != "CT":
+        shown = modality or "missing"
+        raise DataError(
+            f"{source}: modality {shown!r} is not CT; Hounsfield-unit windows apply only to CT"
+        )
+    if "Rows" not in ds or "Columns" not in ds:
+        raise DataError(f"{source}: no image (Rows/Columns missing); no pixel data to read")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    if photometric not in SUPPORTED_PHOTOMETRIC:
+        raise DataError(
+            f"{source}: unsupported photometric interpretation {photometric or 'missing'!r};"
+            f" expected {' or '.join(SUPPORTED_PHOTOMETRIC)}"
+        )
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DataError(f"{source}: {ds.SamplesPerPixel} samples per pixel; expected 1 (grayscale)")
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if rows <= 0 or cols <= 0:
+        raise DataError(f"{source}: invalid image size {rows}x{cols}")
+    if rows * cols * frames > max_pixels:
+        raise DataError(
+            f"{source}: image of {rows}x{cols}x{frames} pixels exceeds the limit of {max_pixels}"
+        )
+    if frames != 1:
+        raise DataError(f"{source}: multi-frame image ({frames} frames); expected one slice")
+
+
+def read_dicom(
+    src: str | Path | bytes,
+    *,
+    require_ct: bool = True,
+    max_pixels: int = MAX_PIXELS,
+    max_bytes: int = MAX_BYTES,
+    max_sequence_depth: int = MAX_SEQUENCE_DEPTH,
+    source: str | None = None,
+) -> Any:
+    """Read and validate a single-slice DICOM file or byte string.
+
+    The header is read first without pixel data and checked; only then is the full file read
+    and its pixel data decoded once (so a truncated file fails here, not later).
+
+    Parameters
+    ----------
+    src
+        Path of a file, or its bytes (as uploaded to the web service).
+    require_ct
+        Reject modalities other than CT (Hounsfield units are meaningless elsewhere).
+    max_pixels, max_bytes
+        Size limits checked before decoding (pixels from the header, bytes from the input).
+    max_sequence_depth
+        Deepest allowed nesting of sequences.
+    source
+        Name for error messages; defaults to the path, or ``"DICOM upload"`` for bytes.
+
+    Returns
+    -------
+    pydicom.dataset.FileDataset
+        The dataset, with ``pixel_array`` already decoded.
+
+    Raises
+    ------
+    DataError
+        Not DICOM, truncated, no pixel data, not CT, unsupported photometric interpretation,
+        too large, nested too deep, or pixel data that cannot be decoded.
+    """
+    is_bytes = isinstance(src, bytes | bytearray)
+    name = source or ("DICOM upload" if is_bytes else str(src))
+    if isinstance(src, bytes | bytearray):
+        size = len(src)
+    else:
+        path = Path(src)
+        if not path.is_file():
+            raise DataError(f"{name}: file not found")
+        size = path.stat().st_size
+    if size > max_bytes:
+        raise DataError(f"{name}: {size} bytes exceeds the limit of {max_bytes}")
+    with io.BytesIO(bytes(src)) if is_bytes else path.open("rb") as fh:  # type: ignore[arg-type]
+        header = _dcmread(fh, stop_before_pixels=True, source=name)
+        # pydicom stops quietly at end of data, so a header read that consumed the whole input
+        # never met the pixel data: the file was cut short, or holds no image at all.
+        if fh.tell() >= size:
+            raise DataError(
+                f"{name}: no pixel data (the data ends before any pixel data: truncated file"
+                " or not an image)"
+            )
+        _check_header(
+            header, name, require_ct=require_ct, max_pixels=max_pixels, depth=max_sequence_depth
+        )
+        fh.seek(0)
+        ds = _dcmread(fh, stop_before_pixels=False, source=name)
+    if "PixelData" not in ds:
+        raise DataError(f"{name}: no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types for bad data
+        raise DataError(
+            f"{name}: pixel data truncated or undecodable ({type(exc).__name__}: {exc})"
+        ) from exc
+    if arr.shape != (int(ds.Rows), int(ds.Columns)):
+        raise DataError(f"{name}: decoded pixels have shape {arr.shape}, header says otherwise")
+    return ds
+
+
+def to_hu(ds: Any) -> np.ndarray:
+    """Convert a CT dataset's stored pixel values to Hounsfield units.
+
+    Uses pydicom's modality LUT, i.e. ``stored * RescaleSlope + RescaleIntercept`` (slope 1 and
+    intercept 0 when absent). Photometric interpretation does not matter here: HU are physical.
+
+    Returns
+    -------
+    np.ndarray
+        float32 ``(H, W)`` array of HU.
+    """
+    from pydicom.pixels import apply_modality_lut
+
+    arr = ds.pixel_array
+    return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+
+
+def load_dicom_image(
+    path: str | Path, window: str | tuple[float, float] | Window = "abdomen"
+) -> np.ndarray:
+    """Load a CT DICOM slice as float32 ``(H, W)`` in ``[0, 1]`` (HU, then ``window``)."""
+    ds = read_dicom(path)
+    win = resolve_window(window, ds, source=str(path))
+    return apply_window(to_hu(ds), win)
+
+
+def safe_metadata(ds: Any, window: Window) -> dict[str, Any]:
+    """Non-identifying facts about a slice: modality, size, spacing, thickness, window.
+
+    Built from an allow-list, so no patient, institution or date attribute can slip through.
+    """
+
+    def floats(v: Any) -> list[float] | None:
+        try:
+            return [float(x) for x in v]
+        except (TypeError, ValueError):
+            return None
+
+    thickness = ds.get("SliceThickness")
+    try:
+        thickness_mm = float(thickness) if thickness not in (None, "") else None
+    except (TypeError, ValueError):
+        thickness_mm = None
+    spacing = ds.get("PixelSpacing")
+    return {
+        "modality": str(ds.get("Modality", "")),
+        "rows": int(ds.Rows),
+        "cols": int(ds.Columns),
+        "pixel_spacing_mm": floats(spacing) if spacing is not None else None,
+        "slice_thickness_mm": thickness_mm,
+        "window": window.as_dict(),
+    }
+
+
+def load_dicom_bytes(
+    data: bytes,
+    window: str | tuple[float, float] | Window = "abdomen",
+    *,
+    max_bytes: int = MAX_BYTES,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Decode an uploaded CT DICOM into an image and safe metadata (for the web service).
+
+    Parameters
+    ----------
+    data
+        The uploaded bytes (never written to disk).
+    window
+        Display window, as for :func:`apply_window`, or ``"file"``.
+    max_bytes
+        Upload size limit checked before parsing.
+
+    Returns
+    -------
+    image : np.ndarray
+        float32 ``(H, W)`` in ``[0, 1]``.
+    safe_meta : dict
+        Only ``modality``, ``rows``, ``cols``, ``pixel_spacing_mm``, ``slice_thickness_mm`` and
+        ``window``: never patient name, ID, birth date, accession number or institution.
+
+    Raises
+    ------
+    DataError
+        Anything :func:`read_dicom` rejects; messages never contain patient data.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise DataError(f"DICOM upload: expected bytes, got {type(data).__name__}")
+    ds = read_dicom(bytes(data), max_bytes=max_bytes)
+    win = resolve_window(window, ds, source="DICOM upload")
+    return apply_window(to_hu(ds), win), safe_metadata(ds, win)
+
+
+def _slice_position(ds: Any) -> float | None:
+    """Position along the slice normal (from ImageOrientationPatient), else None."""
+    try:
+        pos = np.asarray([float(v) for v in ds.ImagePositionPatient])
+        ori = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if pos.shape != (3,) or ori.shape != (6,):
+        return None
+    normal = np.cross(ori[:3], ori[3:])
+    return float(pos @ normal)
+
+
+def _is_dicom_file(p: Path) -> bool:
+    try:
+        with p.open("rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def load_dicom_series(
+    folder: str | Path, window: str | tuple[float, float] | Window = "abdomen"
+) -> tuple[np.ndarray, list[Path]]:
+    """Load a folder of CT slices as a volume sorted along the patient axis.
+
+    Slices are ordered by their position along the slice normal (ImagePositionPatient projected
+    on the normal of ImageOrientationPatient); when any slice lacks a position, by
+    InstanceNumber. Files that are not DICOM are skipped and counted in the log.
+
+    Returns
+    -------
+    volume : np.ndarray
+        float32 ``(N, H, W)`` in ``[0, 1]``.
+    paths : list of Path
+        The file of each slice, in volume order.
+
+    Raises
+    ------
+    DataError
+        Missing folder, no DICOM files, slices of several series, differing slice sizes, or a
+        slice :func:`read_dicom` rejects.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    dicoms = [p for p in files if _is_dicom_file(p)]
+    skipped = len(files) - len(dicoms)
+    if skipped:
+        log.info("%s: skipped %d non-DICOM file(s)", root, skipped)
+    if not dicoms:
+        raise DataError(f"{root}: no DICOM files (looked for 'DICM' at byte 128)")
+    slices = [(p, read_dicom(p)) for p in dicoms]
+    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in slices}
+    if len(series) > 1:
+        raise DataError(f"{root}: slices belong to {len(series)} different series")
+    shapes = {ds.pixel_array.shape for _, ds in slices}
+    if len(shapes) > 1:
+        raise DataError(f"{root}: slices have different sizes {sorted(shapes)}")
+    positions = [_slice_position(ds) for _, ds in slices]
+    if all(p is not None for p in positions):
+        order = sorted(range(len(slices)), key=lambda i: (positions[i], str(slices[i][0])))
+    else:
+        instances = []
+        for p, ds in slices:
+            if "InstanceNumber" not in ds:
+                raise DataError(f"{p}: neither ImagePositionPatient nor InstanceNumber to sort by")
+            instances.append(int(ds.InstanceNumber))
+        order = sorted(range(len(slices)), key=lambda i: (instances[i], str(slices[i][0])))
+    images = []
+    for i in order:
+        p, ds = slices[i]
+        images.append(apply_window(to_hu(ds), resolve_window(window, ds, source=str(p))))
+    return np.stack(images).astype(np.float32, copy=False), [slices[i][0] for i in order]
+
+
+def deidentify(ds: Any, *, salt: str = "kidneyscan") -> Any:
+    """Remove patient-identifying data from a dataset, in place, and return it.
+
+    Deletes the attributes of :data:`PHI_KEYWORDS` at every nesting level, removes private
+    tags, replaces the UIDs of :data:`UID_KEYWORDS` with stable hashed ones (slices of one series
+    keep a common series UID) and marks the dataset ``PatientIdentityRemoved = "YES"``.
+    """
+    from pydicom.uid import generate_uid
+
+    phi = set(PHI_KEYWORDS)
+
+    def scrub(d: Any) -> None:
+        for keyword in list(phi):
+            if keyword in d:
+                delattr(d, keyword)
+        for elem in list(d):
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    scrub(item)
+
+    scrub(ds)
+    ds.remove_private_tags()
+    for keyword in UID_KEYWORDS:
+        if keyword in ds:
+            new = generate_uid(entropy_srcs=[salt, str(ds.data_element(keyword).value)])
+            setattr(ds, keyword, new)
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "SOPInstanceUID" in ds:
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.PatientIdentityRemoved = "YES"
+    ds.DeidentificationMethod = "kidneyscan.deidentify: PS3.15 basic profile subset"
+    return ds
+
+
+def make_ct_dataset(
+    hu: np.ndarray,
+    *,
+    pixel_spacing: tuple[float, float] = (0.7, 0.7),
+    slice_thickness: float = 5.0,
+    position_z: float = 0.0,
+    instance_number: int = 1,
+    series_uid: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Any:
+    """Build a minimal valid CT slice dataset from a HU array (for tests, demos, exports).
+
+    Stored values are ``HU + 1024`` as uint16 with RescaleIntercept -1024, the common scanner
+    convention. ``extra`` sets further attributes by keyword (e.g. ``PatientName`` in tests).
+
+    Returns
+    -------
+    pydicom.dataset.FileDataset
+        Explicit VR little endian, ready for ``save_as`` or :meth:`Dataset.compress`.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    hu = np.asarray(hu)
+    if hu.ndim != 2:
+        raise DataError(f"make_ct_dataset: expected a 2-D HU array, got shape {hu.shape}")
+    stored = np.clip(np.rint(hu) + 1024, 0, 65535).astype(np.uint16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.FrameOfReferenceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.InstanceNumber = instance_number
+    ds.ImagePositionPatient = [0.0, 0.0, float(position_z)]
+    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    ds.PixelSpacing = [float(pixel_spacing[0]), float(pixel_spacing[1])]
+    ds.SliceThickness = float(slice_thickness)
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.RescaleIntercept = -1024
+    ds.RescaleSlope = 1
+    ds.PixelData = stored.tobytes()
+    for key, value in (extra or {}).items():
+        setattr(ds, key, value)
+    return ds
+
+
+def dataset_to_bytes(ds: Any) -> bytes:
+    """Serialise a dataset to DICOM file bytes (with preamble and ``DICM`` magic)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

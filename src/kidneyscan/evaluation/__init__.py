@@ -1,0 +1,1 @@
+"""Evaluation: metrics (per class, macro, ROC-AUC, ECE, bootstrap CIs), calibration, reports."""

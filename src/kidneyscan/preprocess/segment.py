@@ -1,0 +1,348 @@
+"""Segmentation: thresholds, k-means, region growing, watershed, edges; kidney and lesion masks.
+
+The generic functions take a float32 (H, W) image in [0, 1] and return bool masks or int
+label images. :func:`segment_kidneys` and :func:`segment_lesions` turn each generic method
+into a kidney / lesion mask for an axial abdominal CT slice in a soft-tissue window, using
+an anatomical prior (kidneys are compact soft-tissue blobs left and right of the spine in the
+posterior half of the body, wrapped in fat); they are what the benchmark scores against the
+phantom's masks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import feature, filters, measure, segmentation
+from sklearn.cluster import KMeans
+
+from kidneyscan.preprocess._checks import as_image, as_mask
+from kidneyscan.preprocess.morphology import closing, footprint, opening
+
+Method = Literal["threshold", "otsu", "kmeans", "region_growing", "watershed", "edges"]
+METHODS: tuple[str, ...] = ("threshold", "otsu", "kmeans", "region_growing", "watershed", "edges")
+
+
+# --------------------------------------------------------------------------- generic methods
+def threshold_global(image: np.ndarray, *, level: float = 0.5) -> np.ndarray:
+    """Global threshold: ``image > level`` as a bool mask."""
+    img = as_image(image)
+    if not 0 <= level <= 1:
+        raise ValueError(f"level must be in [0, 1], got {level}")
+    return img > level
+
+
+def threshold_otsu(image: np.ndarray, *, mask: np.ndarray | None = None) -> np.ndarray:
+    """Otsu threshold (:func:`skimage.filters.threshold_otsu`), optionally computed inside ``mask``.
+
+    A constant image (no threshold exists) gives an all-False mask.
+    """
+    img = as_image(image)
+    values = img[as_mask(mask)] if mask is not None else img.ravel()
+    if values.size == 0 or values.min() == values.max():
+        return np.zeros(img.shape, dtype=bool)
+    return img > filters.threshold_otsu(values)
+
+
+def segment_kmeans(
+    image: np.ndarray, *, k: int = 3, mask: np.ndarray | None = None, seed: int = 0
+) -> np.ndarray:
+    """k-means clustering of intensities (scikit-learn), labels ordered by cluster centre.
+
+    Returns
+    -------
+    numpy.ndarray
+        int32 (H, W): ``0`` outside ``mask``; inside it ``1..k`` from the darkest to the
+        brightest cluster (ordered so labels mean the same thing on every image).
+    """
+    img = as_image(image)
+    m = np.ones(img.shape, bool) if mask is None else as_mask(mask)
+    values = img[m].reshape(-1, 1)
+    if int(k) < 2:
+        raise ValueError(f"k must be >= 2, got {k}")
+    labels = np.zeros(img.shape, dtype=np.int32)
+    if len(np.unique(values)) < k:
+        return labels + m.astype(np.int32)
+    # Subsample for speed; the 1-D centres of 20k pixels match those of all pixels closely.
+    rng = np.random.default_rng(seed)
+    fit = values if len(values) <= 20000 else values[rng.choice(len(values), 20000, False)]
+    km = KMeans(n_clusters=int(k), n_init=3, random_state=seed).fit(fit)
+    rank = np.argsort(np.argsort(km.cluster_centers_.ravel()))
+    labels[m] = rank[km.predict(values)] + 1
+    return labels
+
+
+def region_grow(
+    image: np.ndarray, seeds: Sequence[tuple[int, int]], *, tolerance: float = 0.08
+) -> np.ndarray:
+    """Region growing: union of flood fills from ``seeds`` (:func:`skimage.segmentation.flood`).
+
+    A pixel joins a seed's region when it is 8-connected to it and within ``tolerance`` of
+    the seed's intensity.
+    """
+    img = as_image(image)
+    out = np.zeros(img.shape, dtype=bool)
+    for r, c in seeds:
+        if not (0 <= r < img.shape[0] and 0 <= c < img.shape[1]):
+            raise ValueError(f"seed {(r, c)} lies outside the image of shape {img.shape}")
+        out |= segmentation.flood(img, (int(r), int(c)), tolerance=float(tolerance))
+    return out
+
+
+def segment_watershed(image: np.ndarray, markers: np.ndarray) -> np.ndarray:
+    """Marker-based watershed on the Sobel gradient (:func:`skimage.segmentation.watershed`).
+
+    Parameters
+    ----------
+    markers
+        int (H, W) array: 0 = unknown, positive labels = seeds.
+
+    Returns
+    -------
+    numpy.ndarray
+        int32 label image; every pixel gets the label of the basin that floods it.
+    """
+    img = as_image(image)
+    mk = np.asarray(markers)
+    if mk.shape != img.shape:
+        raise ValueError(f"markers shape {mk.shape} differs from image shape {img.shape}")
+    return segmentation.watershed(filters.sobel(img), mk.astype(np.int32)).astype(np.int32)
+
+
+def segment_edges(
+    image: np.ndarray,
+    *,
+    detector: Literal["canny", "sobel"] = "canny",
+    sigma: float = 2.0,
+) -> np.ndarray:
+    """Edge-based segmentation: Canny (or Otsu-thresholded Sobel) edges, closed, holes filled.
+
+    Returns the bool mask of regions enclosed by edges.
+    """
+    img = as_image(image)
+    if detector == "canny":
+        edges = feature.canny(img, sigma=float(sigma))
+    elif detector == "sobel":
+        mag = filters.sobel(filters.gaussian(img, sigma=float(sigma)))
+        edges = mag > filters.threshold_otsu(mag) if mag.max() > mag.min() else mag > 1
+    else:
+        raise ValueError(f"detector must be 'canny' or 'sobel', got {detector!r}")
+    closed = closing(edges, shape="disk", radius=1)
+    filled = ndi.binary_fill_holes(closed)
+    # The filled interiors are the segments; the edge pixels themselves are boundary.
+    return np.asarray(filled & ~(edges & ~ndi.binary_fill_holes(edges)), dtype=bool)
+
+
+# ------------------------------------------------------------------ anatomy: body and kidneys
+def body_mask(image: np.ndarray, *, level: float = 0.08) -> np.ndarray:
+    """The patient's body: largest component above air level, holes filled, table removed.
+
+    An opening with a disk of ~2% of the image side detaches the thin scanner table.
+    """
+    img = as_image(image)
+    fg = filters.gaussian(img, sigma=1.0) > level
+    r = max(1, round(img.shape[0] * 0.02))
+    fg = opening(fg, shape="disk", radius=r)
+    lab = measure.label(fg)
+    if lab.max() == 0:
+        return np.zeros(img.shape, dtype=bool)
+    largest = np.argmax(np.bincount(lab.ravel())[1:]) + 1
+    return ndi.binary_fill_holes(lab == largest)
+
+
+def _kidney_candidates(img: np.ndarray, body: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """Soft-tissue-like regions (not fat, not air) by the requested generic method."""
+    smooth = filters.gaussian(img, sigma=1.0)
+    # Drop the outer rim (skin, body-wall muscle) so kidneys do not fuse with it.
+    inside = ndi.binary_erosion(body, iterations=max(1, img.shape[0] // 40))
+    if method == "threshold":
+        cand = threshold_global(smooth, level=0.35)
+    elif method == "otsu":
+        cand = threshold_otsu(smooth, mask=inside)
+    elif method == "kmeans":
+        cand = segment_kmeans(smooth, k=3, mask=inside, seed=seed) >= 2
+    elif method == "region_growing":
+        base = threshold_otsu(smooth, mask=inside) & inside
+        seeds = _blob_seeds(base, body, smooth)
+        cand = region_grow(smooth, seeds, tolerance=0.12) if seeds else base
+    elif method == "watershed":
+        tissue = threshold_otsu(smooth, mask=inside)
+        markers = np.zeros(img.shape, np.int32)
+        markers[~tissue & ndi.binary_erosion(~tissue, iterations=1)] = 1
+        core = ndi.binary_erosion(tissue, footprint("disk", max(1, img.shape[0] // 64)))
+        lab = measure.label(core)
+        markers[lab > 0] = lab[lab > 0] + 1
+        ws = segment_watershed(smooth, markers)
+        cand = ws > 1
+    elif method == "edges":
+        # Canny edges partition the slice; the regions they enclose (the edge-free
+        # components) are the candidates, grown back by the edge width.
+        edges = feature.canny(img, sigma=max(1.0, img.shape[0] / 128))
+        regions = measure.label(~edges, connectivity=1)
+        regions[~inside] = 0
+        cand = np.zeros(img.shape, dtype=bool)
+        for reg in measure.regionprops(regions, intensity_image=smooth):
+            # Soft tissue (not fat) and not the large viscera region, which 8-connected
+            # labelling would otherwise fuse with the kidneys across 1-px edge lines.
+            if reg.intensity_mean > 0.3 and reg.area <= 0.08 * body.sum():
+                cand[regions == reg.label] = True
+        picked = _select_kidneys(cand, body, open_radius=0)
+        return ndi.binary_dilation(picked, iterations=1) & inside
+    else:
+        raise ValueError(f"unknown segmentation method {method!r}; known: {', '.join(METHODS)}")
+    return cand & inside
+
+
+def _blob_seeds(mask: np.ndarray, body: np.ndarray, image: np.ndarray) -> list[tuple[int, int]]:
+    """Seeds for region growing: one deep, typical-intensity pixel per kidney-like blob."""
+    picked = _select_kidneys(mask, body)
+    seeds = []
+    for region in measure.regionprops(measure.label(picked), intensity_image=image):
+        dist = ndi.distance_transform_edt(region.image)
+        vals = region.image_intensity
+        # Deep inside the blob AND close to its median intensity: not on a stone or cyst.
+        typical = np.abs(vals - np.median(vals[region.image])) < 0.05
+        r, c = np.unravel_index(np.argmax(dist * typical), dist.shape)
+        seeds.append((int(region.bbox[0] + r), int(region.bbox[1] + c)))
+    return seeds
+
+
+def _select_kidneys(
+    cand: np.ndarray, body: np.ndarray, *, open_radius: int | None = None
+) -> np.ndarray:
+    """Keep at most one kidney-like component per side of the body's midline.
+
+    Score = compactness (solidity) and size in the plausible range, located in the
+    posterior 70% of the body and 8-45% of the body width from the midline.
+    """
+    out = np.zeros(cand.shape, dtype=bool)
+    if not body.any():
+        return out
+    rows, cols = np.nonzero(body)
+    top, bottom = rows.min(), rows.max()
+    left, right = cols.min(), cols.max()
+    mid = (left + right) / 2.0
+    half_w = max(1.0, (right - left) / 2.0)
+    height = max(1.0, float(bottom - top))
+    body_area = float(body.sum())
+    # An opening breaks thin bridges to neighbouring organs before labelling.
+    r = max(1, round(cand.shape[0] / 100)) if open_radius is None else open_radius
+    pieces = measure.label(opening(cand, shape="disk", radius=r) if r > 0 else cand)
+    best: dict[int, tuple[float, int]] = {}
+    for reg in measure.regionprops(pieces):
+        frac = reg.area / body_area
+        if not 0.002 <= frac <= 0.08:
+            continue
+        cy, cx = reg.centroid
+        lateral = abs(cx - mid) / half_w
+        depth = (cy - top) / height
+        if not (0.08 <= lateral <= 0.6 and 0.3 <= depth <= 0.95):
+            continue
+        if reg.solidity < 0.7 or reg.eccentricity > 0.97:
+            continue
+        score = reg.solidity + 0.5 * (1 - abs(np.log(frac / 0.02)) / 3)
+        side = int(cx > mid)
+        if side not in best or score > best[side][0]:
+            best[side] = (score, reg.label)
+    for _, label in best.values():
+        out |= pieces == label
+    return ndi.binary_fill_holes(out)
+
+
+def segment_kidneys(
+    image: np.ndarray, *, method: Method = "watershed", seed: int = 0
+) -> np.ndarray:
+    """Kidney mask of an axial abdominal CT slice in a soft-tissue window.
+
+    Parameters
+    ----------
+    image
+        float32 (H, W) in [0, 1] (soft-tissue window, e.g. W 400 / L 40).
+    method
+        Generic method that proposes soft-tissue regions: ``"threshold"`` (fixed level),
+        ``"otsu"``, ``"kmeans"`` (3 clusters), ``"region_growing"`` (seeded from the Otsu
+        proposal), ``"watershed"`` (marker-based on the Sobel gradient) or ``"edges"``
+        (Canny + hole filling). The same anatomical selection then keeps at most one
+        compact blob per side (see module docstring); holes (lesions) are filled.
+    seed
+        Random seed for k-means.
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (H, W); all False when no kidney-like region is found.
+    """
+    img = as_image(image)
+    body = body_mask(img)
+    if not body.any():
+        return np.zeros(img.shape, dtype=bool)
+    cand = _kidney_candidates(img, body, method, seed)
+    return _select_kidneys(cand, body)
+
+
+def segment_lesions(
+    image: np.ndarray,
+    kidneys: np.ndarray,
+    *,
+    method: Method = "otsu",
+    min_deviation: float = 0.08,
+    seed: int = 0,
+) -> np.ndarray:
+    """Lesion mask inside given kidney masks: regions whose intensity departs from parenchyma.
+
+    Works on the deviation map ``|smooth(image) - median(kidney)|`` so that dark lesions
+    (cysts), bright ones (stones) and heterogeneous ones (tumours) are all "high".
+
+    Parameters
+    ----------
+    image
+        float32 (H, W) in [0, 1].
+    kidneys
+        bool (H, W) kidney mask (from :func:`segment_kidneys` or ground truth).
+    method
+        How the deviation map is split (same names as :func:`segment_kidneys`).
+    min_deviation
+        Pixels deviating less than this from the parenchyma median are never lesion; stops
+        Otsu / k-means from splitting healthy parenchyma when there is no lesion.
+    """
+    img = as_image(image)
+    kid = as_mask(kidneys, name="kidneys")
+    if kid.shape != img.shape:
+        raise ValueError(f"kidneys shape {kid.shape} differs from image shape {img.shape}")
+    out = np.zeros(img.shape, dtype=bool)
+    if kid.sum() < 9:
+        return out
+    smooth = filters.gaussian(img, sigma=0.7)
+    dev = np.abs(smooth - np.median(smooth[kid]))
+    dev = np.where(kid, dev, 0.0).astype(np.float32)
+    dev_n = np.clip(dev / max(float(dev.max()), 1e-6), 0, 1).astype(np.float32)
+    if method == "threshold":
+        cand = dev > 2.0 * min_deviation
+    elif method == "otsu":
+        cand = threshold_otsu(dev_n, mask=kid)
+    elif method == "kmeans":
+        cand = segment_kmeans(dev_n, k=2, mask=kid, seed=seed) == 2
+    elif method == "region_growing":
+        r, c = np.unravel_index(np.argmax(dev), dev.shape)
+        cand = region_grow(
+            np.where(kid, smooth, 0.0).astype(np.float32), [(int(r), int(c))], tolerance=0.1
+        )
+    elif method == "watershed":
+        markers = np.zeros(img.shape, np.int32)
+        markers[~kid] = 1
+        markers[kid & (dev < 0.5 * min_deviation)] = 1
+        markers[kid & (dev > 2.0 * min_deviation)] = 2
+        cand = segment_watershed(smooth.astype(np.float32), markers) == 2
+    elif method == "edges":
+        cand = segment_edges(np.where(kid, smooth, 0.0).astype(np.float32), sigma=1.0)
+        cand &= ndi.binary_erosion(kid, iterations=1)
+    else:
+        raise ValueError(f"unknown segmentation method {method!r}; known: {', '.join(METHODS)}")
+    # Partial-volume pixels on the kidney outline deviate too; lesions are accepted only if
+    # they reach one pixel inside, then regrown to the outline (geodesic dilation).
+    core = ndi.binary_erosion(kid, iterations=1)
+    out = cand & core & (dev > min_deviation)
+    out = ndi.binary_dilation(out, iterations=1, mask=kid & (dev > min_deviation))
+    return ndi.binary_fill_holes(out)
