@@ -406,10 +406,10 @@ def _choose_folds(
 
 def _class_counts(samples: Iterable[Sample]) -> dict[str, int]:
     counts = Counter(s.class_name for s in samples)
-    return {c: counts[c] for c in sorted(counts, key=lambda c: class_index_or_end(c))}
+    return {c: counts[c] for c in sorted(counts, key=_class_order)}
 
 
-def class_index_or_end(name: str) -> int:
+def _class_order(name: str) -> int:
     """Position of ``name`` in :data:`CLASSES` (unknown names sort last)."""
     try:
         return class_index(name)
