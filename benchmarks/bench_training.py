@@ -63,7 +63,7 @@ def _step_fn(model: nn.Module, *, split: bool, channels_last: bool, bf16: bool) 
         loss = loss_fn(logits.float(), y)
         loss.backward()
         opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step
 
