@@ -23,6 +23,13 @@ SHARED_NOTE = (
 )
 
 
+def command_line() -> str:
+    """The exact command that ran this script, for the result tables."""
+    import sys
+
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
 def machine() -> dict[str, Any]:
     """CPU model, cores, ISA features relevant to bf16/int8, load, library versions."""
     import onnxruntime

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _perf_common import (  # noqa: E402
     REAL_DATA,
     SHARED_NOTE,
+    command_line,
     interleaved,
     machine,
     machine_line,
@@ -186,8 +187,7 @@ def main() -> None:
     lines = [
         "### Inference (CPU, 224 px)",
         "",
-        "Command: `python benchmarks/bench_inference.py` "
-        f"(`--reps {args.reps[0]} {args.reps[1]}`, {args.threads} threads).",
+        f"Command: `{command_line()}` ({args.threads} torch and ONNX Runtime threads).",
         "",
         machine_line(info) + f" Load average at end {info['load_average_end']}.",
         "",

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _perf_common import (  # noqa: E402
     REAL_DATA,
     SHARED_NOTE,
+    command_line,
     machine,
     machine_line,
     md_table,
@@ -219,8 +220,7 @@ def main() -> None:
     lines = [
         "### Service and memory",
         "",
-        f"Command: `python benchmarks/bench_service.py --size {args.size} --requests "
-        f"{args.requests} --explain-requests {args.explain_requests}`.",
+        f"Command: `{command_line()}`.",
         "",
         machine_line(info) + f" Load average at end {info['load_average_end']}.",
         "",

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _perf_common import (  # noqa: E402
     REAL_DATA,
     SHARED_NOTE,
+    command_line,
     machine,
     machine_line,
     md_table,
@@ -204,9 +205,8 @@ def main() -> None:
     lines = [
         "### Training (CPU, hybrid convnext_tiny, 80 % of the backbone frozen)",
         "",
-        f"Command: `python benchmarks/bench_training.py --size {args.size} --steps {args.steps}`"
-        f" (batch {args.batch}, {args.size} px, AdamW; frozen prefix = {sp['frozen_modules']}"
-        " backbone modules).",
+        f"Command: `{command_line()}` (batch {args.batch}, {args.size} px, AdamW; "
+        f"frozen prefix = {sp['frozen_modules']} backbone modules).",
         "",
         machine_line(info) + f" Load average at end {info['load_average_end']}.",
         "",
