@@ -11,6 +11,16 @@ from kidneyscan.models.factory import create_classifier, trainable_state_keys
 from kidneyscan.models.hybrid import HybridConvNeXtViT
 from kidneyscan.models.weights import backbone_units, freeze_backbone
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # 2 shared cores: torch's default intra-op threads spin and multiply CPU time several-fold.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = {"backbone": "convnext_atto", "image_size": 64, "embed_dim": 64, "depth": 1, "num_heads": 8}
 
 
@@ -149,6 +159,7 @@ def test_bad_options_raise_clear_errors(kwargs: dict, message: str) -> None:
         HybridConvNeXtViT(4, **opts)
 
 
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # Opacus hooks; the stem input
 @pytest.mark.parametrize("freeze", [0.8, 0.0])
 def test_opacus_per_sample_gradients_cover_every_trainable_parameter(freeze: float) -> None:
     # DP-SGD (federated area) needs a per-sample gradient for each trainable tensor.

@@ -281,6 +281,7 @@ def create_timm_model(
             raise ValueError(f"model {name!r} does not accept these options: {exc}") from exc
     if weights is not None:
         load_weights(model, weights)
+    _contiguous_layernorm2d(model)
     return model
 
 
@@ -306,7 +307,6 @@ def create_backbone(
     )
     if isinstance(getattr(model, "head", None), nn.Module):
         model.head = nn.Identity()
-    _contiguous_layernorm2d(model)
     return model
 
 
