@@ -203,6 +203,13 @@ def test_rerun_into_same_folder_leaves_no_stale_images(tmp_path: Path) -> None:
     assert len(list(tmp_path.glob("*/*.jpg"))) == 8
     assert len(list((tmp_path / "masks").glob("*.png"))) == 24
     assert len(list((tmp_path / "clean").glob("*.png"))) == 8
+    # a tampered metadata csv cannot make a rerun delete files outside the folder
+    outside = tmp_path.parent / f"{tmp_path.name}-keep.txt"
+    outside.write_text("keep")
+    with (tmp_path / "phantom_metadata.csv").open("a") as fh:
+        fh.write(f"x,{outside},Cyst\n")
+    ph.generate_dataset(tmp_path, 4, seed=2, image_size=64)
+    assert outside.read_text() == "keep"
 
 
 def test_refuses_to_mix_with_foreign_images(tmp_path: Path) -> None:

@@ -1149,20 +1149,19 @@ def _clear_previous(out: Path) -> None:
     other images (real data, say) is refused rather than mixed with synthetic ones.
     """
     meta = out / "phantom_metadata.csv"
+    root = out.resolve()
     if meta.is_file():
         with meta.open(newline="") as fh:
-            ids = [
-                (r["image_id"], r["path"])
-                for r in csv.DictReader(fh)
-                if r.get("image_id") and r.get("path") and ".." not in r["path"]
-            ]
+            ids = [(r["image_id"], r["path"]) for r in csv.DictReader(fh) if r.get("path")]
         for image_id, rel in ids:
             for f in (
                 out / rel,
                 out / "clean" / f"{image_id}.png",
                 *(out / "masks" / f"{image_id}_{k}.png" for k in ("body", "kidney", "lesion")),
             ):
-                f.unlink(missing_ok=True)
+                # a hand-edited csv must not delete anything outside the dataset folder
+                if f.resolve().is_relative_to(root) and f.parent.resolve() != root:
+                    f.unlink(missing_ok=True)
     for c in CLASSES:
         folder = out / c
         if folder.is_dir() and any(folder.iterdir()):
