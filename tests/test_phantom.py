@@ -120,8 +120,12 @@ def test_masks_and_lesion_hu_are_consistent(class_name: str) -> None:
             full = ph.render_slice(np.random.default_rng(i), class_name, site, image_size=512)
             if full.meta["lesion_size_mm"] >= 2.0:
                 assert full.clean_hu[full.masks["lesion"]].max() >= 150.0
-        elif class_name == "Cyst":
-            assert values.min() >= 0 and values.max() <= 20 and values.std() < 1e-3
+        elif class_name == "Cyst":  # homogeneous inside; edge pixels share partial volume
+            inner = ndimage.binary_erosion(lesion)
+            assert inner.any() or sl.meta["lesion_size_mm"] < 4 * sl.meta["pixel_mm"]
+            if inner.any():
+                cyst = sl.clean_hu[inner]
+                assert cyst.min() >= 0 and cyst.max() <= 20 and cyst.std() < 1e-3
         else:  # tumor: solid, heterogeneous
             assert 10 <= values.mean() <= 200 and values.std() > 2
 

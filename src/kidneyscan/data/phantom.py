@@ -542,8 +542,11 @@ def _tissue(p: _Patient) -> dict[str, float]:
 
 def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int) -> PhantomSlice:
     site = p.site
-    cv = _Canvas(image_size, site.fov_mm)
-    size = image_size
+    # small outputs are painted at >= 256 px and area-averaged: thin skin, table and vessel
+    # walls then get partial volume instead of full-HU single-pixel lines
+    ss = max(1, min(4, 256 // image_size))
+    cv = _Canvas(image_size * ss, site.fov_mm)
+    size = cv.size
     t = _tissue(p)
     tex = np.random.default_rng([p.texture_seed, int(level * 1000)])
     W, H, cy = p.width / 2, p.height / 2, p.cy
@@ -732,26 +735,39 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     # ---- lesions (painted last so they replace parenchyma) ---------------------------------
     les_meta = _draw_lesions(p, cv, frames, lv, tex, t, lesion_mask)
 
-    clean_hu = hu.copy()
-
-    # ---- scanner: PSF blur (partial volume) then quantum noise ----------------------------
+    # ---- scanner: PSF blur (partial volume), detector pixels, then quantum noise -----------
     sigma_px = site.blur_mm / cv.px_mm
-    noisy = cv2.GaussianBlur(clean_hu, (0, 0), sigma_px) if sigma_px > 0.25 else clean_hu.copy()
+    blurred = cv2.GaussianBlur(hu, (0, 0), sigma_px) if sigma_px > 0.25 else None
+    out_size = (image_size, image_size)
+    if ss > 1:
+        clean_hu = cv2.resize(hu, out_size, interpolation=cv2.INTER_AREA)
+        noisy = (
+            clean_hu.copy()
+            if blurred is None
+            else cv2.resize(blurred, out_size, interpolation=cv2.INTER_AREA)
+        )
+        masks = {
+            "body": _downsample_mask(body_mask, image_size),
+            "kidney": _downsample_mask(kidney_mask, image_size),
+            "lesion": _downsample_mask(lesion_mask, image_size, keep_any=True),
+        }
+    else:
+        clean_hu = hu.copy()
+        noisy = clean_hu.copy() if blurred is None else blurred
+        masks = {  # 0/1 uint8 canvases reinterpreted as bool without a copy
+            "body": body_mask.view(bool),
+            "kidney": kidney_mask.view(bool),
+            "lesion": lesion_mask.view(bool),
+        }
     noise_sigma = site.noise_sigma_hu * float(np.clip(p.width / 300.0, 0.75, 1.4))
-    white = rng.standard_normal((size, size), dtype=np.float32)
-    if size >= 256:  # reconstruction makes quantum noise slightly correlated at full size
+    white = rng.standard_normal(out_size, dtype=np.float32)
+    if image_size >= 256:  # reconstruction makes quantum noise slightly correlated
         noise = cv2.GaussianBlur(white, (0, 0), 0.7)
         scale = noise_sigma / 0.408  # 0.408: measured std of unit white noise after that blur
     else:
         noise, scale = white, noise_sigma
     noisy += np.multiply(noise, np.float32(scale), out=noise)
 
-    masks = {
-        # 0/1 uint8 canvases reinterpreted as bool without a copy
-        "body": body_mask.view(bool),
-        "kidney": kidney_mask.view(bool),
-        "lesion": lesion_mask.view(bool),
-    }
     meta: dict[str, Any] = {
         "class_name": p.class_name,
         "site": site.name,
@@ -762,7 +778,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         "blur_mm": site.blur_mm,
         "patient_width_mm": round(p.width, 1),
         "fov_mm": site.fov_mm,
-        "pixel_mm": round(cv.px_mm, 4),
+        "pixel_mm": round(site.fov_mm / image_size, 4),
         "bowel_contrast": p.bowel_contrast,
         "n_phleboliths": n_phleb,
         "vessel_calcification": calcified,
@@ -776,6 +792,19 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         masks=masks,
         meta=meta,
     )
+
+
+def _downsample_mask(mask: np.ndarray, size: int, keep_any: bool = False) -> np.ndarray:
+    """Area-average a 0/1 mask to ``size``; pixels at least half covered are in.
+
+    With ``keep_any`` a structure smaller than half a pixel keeps its most covered pixel, so
+    a tiny stone still has a non-empty lesion mask.
+    """
+    cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    out = cover >= 0.5
+    if keep_any and not out.any() and cover.max() > 0:
+        out = cover == cover.max()
+    return out
 
 
 def _draw_lesions(
