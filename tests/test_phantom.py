@@ -178,6 +178,17 @@ def test_confounders_in_every_class_and_contrast_not_tied_to_class(tmp_path: Pat
     assert max(enhanced_rate.values()) - min(enhanced_rate.values()) < 0.15, enhanced_rate
 
 
+def test_slice_level_and_width_are_stratified_per_site_and_class() -> None:
+    # slice level (a strong grey-level driver) and patient width must not drift by class
+    plan = ph._plan(400, seed=0, sites=ph.make_sites(3, seed=0))
+    for jobs in plan.values():
+        for site in range(3):
+            cell = [j for j in jobs if j.site == site]
+            for attr in ("level_u", "width_u"):
+                u = np.array([getattr(j, attr) for j in cell])
+                assert sorted(np.floor(u * len(cell)).astype(int)) == list(range(len(cell)))
+
+
 def test_site_class_mix_differs_but_total_is_balanced() -> None:
     sites = ph.make_sites(3, seed=0)
     counts = ph._balanced_counts(400, sites)

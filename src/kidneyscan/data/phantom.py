@@ -287,10 +287,14 @@ def _sample_phase(rng: np.random.Generator, site: SiteProfile) -> str:
 
 
 def _sample_patient(
-    rng: np.random.Generator, class_name: str, site: SiteProfile, level: float
+    rng: np.random.Generator,
+    class_name: str,
+    site: SiteProfile,
+    level: float,
+    width_u: float | None = None,
 ) -> _Patient:
     lo, hi = site.patient_width_mm
-    width = float(rng.uniform(lo, hi))
+    width = lo + (hi - lo) * (float(rng.random()) if width_u is None else width_u)
     height = width * float(rng.uniform(0.66, 0.8))
     # larger patients carry more subcutaneous fat
     fat = float(np.clip(rng.normal(8 + 0.12 * (width - 240), 5), 4, 45))
@@ -1003,6 +1007,8 @@ class _Job:
     slices: int
     seed: tuple[int, ...]
     phase: str = "none"
+    level_u: float | None = None  # stratified position of the slice block (0-1)
+    width_u: float | None = None  # stratified patient width within the site's range (0-1)
 
 
 def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
@@ -1020,7 +1026,9 @@ def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
                 jobs.append(_Job(name, s, f"P{pid:05d}", k, (seed, 2, pid)))
                 pid += 1
                 left -= k
-            _assign_phases([j for j in jobs if j.site == s], sites[s], rng)
+            cell = [j for j in jobs if j.site == s]
+            _assign_phases(cell, sites[s], rng)
+            _stratify(cell, rng)
         order = rng.permutation(len(jobs))  # interleave the sites' patients within a class
         plan[name] = [jobs[i] for i in order]
     return plan
@@ -1045,6 +1053,23 @@ def _assign_phases(jobs: list[_Job], site: SiteProfile, rng: np.random.Generator
         done[k] += jobs[i].slices
 
 
+def _stratify(jobs: list[_Job], rng: np.random.Generator) -> None:
+    """Latin-hypercube slice level and patient width for the patients of one (site, class) cell.
+
+    Slice level moves the mean grey level a lot (liver and spleen shrink towards the lower
+    pole). With ~100 patients per class, independent draws leave chance differences of 0.05
+    in mean level between classes, enough for a grey-level classifier to beat chance; one
+    draw per equal-probability stratum makes every class cover the range evenly.
+    """
+    m = len(jobs)
+    if m == 0:
+        return
+    levels = (rng.permutation(m) + rng.random(m)) / m
+    widths = (rng.permutation(m) + rng.random(m)) / m
+    for job, lu, wu in zip(jobs, levels, widths, strict=True):
+        job.level_u, job.width_u = float(lu), float(wu)
+
+
 def iter_patient_slices(
     job_seed: Sequence[int],
     class_name: str,
@@ -1052,19 +1077,27 @@ def iter_patient_slices(
     n_slices: int,
     image_size: int,
     phase: str | None = None,
+    level_u: float | None = None,
+    width_u: float | None = None,
 ) -> Iterator[PhantomSlice]:
     """Yield ``n_slices`` neighbouring slices (3-5 mm apart) of one synthetic patient.
 
     The anatomy, contrast phase and lesion are shared; noise differs per slice. ``phase``
-    (``none``, ``arterial``, ``portal``) overrides the site's random draw.
+    (``none``, ``arterial``, ``portal``) overrides the site's random draw; ``level_u`` and
+    ``width_u`` in [0, 1) place the slice block and the patient width within their ranges
+    (random when None).
     """
     if phase is not None and phase not in _PHASES:
         raise ValueError(f"phase must be one of {', '.join(_PHASES)}, got {phase!r}")
+    for name, u in (("level_u", level_u), ("width_u", width_u)):
+        if u is not None and not 0.0 <= u <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {u}")
     rng = np.random.default_rng(list(job_seed))
     step = float(rng.uniform(0.03, 0.045))  # 3-5 mm over a ~110 mm kidney
-    start = float(rng.uniform(0.12, 0.88 - step * (n_slices - 1)))
+    lo, hi = 0.12, 0.88 - step * (n_slices - 1)
+    start = lo + (hi - lo) * (float(rng.random()) if level_u is None else level_u)
     centre = start + step * (n_slices - 1) / 2
-    patient = _sample_patient(rng, _check_class(class_name), site, centre)
+    patient = _sample_patient(rng, _check_class(class_name), site, centre, width_u)
     if phase is not None:
         patient.phase = phase
     for i in range(n_slices):
@@ -1129,7 +1162,14 @@ def generate_dataset(
             k = 0
             for job in plan[name]:
                 slices = iter_patient_slices(
-                    job.seed, name, profiles[job.site], job.slices, image_size, job.phase
+                    job.seed,
+                    name,
+                    profiles[job.site],
+                    job.slices,
+                    image_size,
+                    job.phase,
+                    job.level_u,
+                    job.width_u,
                 )
                 for i, sl in enumerate(slices):
                     k += 1
