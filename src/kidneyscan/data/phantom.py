@@ -105,7 +105,7 @@ class SiteProfile:
     contrast_prob: float = 0.5
     arterial_fraction: float = 0.4
     contrast_scale: float = 1.0
-    bowel_contrast_prob: float = 0.25
+    bowel_contrast_prob: float = 0.15
     class_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     patient_width_mm: tuple[float, float] = (240.0, 340.0)
     fov_mm: float = 380.0
@@ -174,7 +174,7 @@ def make_sites(n_sites: int = 1, seed: int = 0) -> list[SiteProfile]:
                 contrast_prob=round(float(contrast[i]), 3),
                 arterial_fraction=round(float(rng.uniform(0.25, 0.6)), 3),
                 contrast_scale=round(float(scale[i]), 3),
-                bowel_contrast_prob=round(float(rng.uniform(0.1, 0.4)), 3),
+                bowel_contrast_prob=round(float(rng.uniform(0.05, 0.3)), 3),
                 class_weights=tuple(round(float(w), 4) for w in weights),  # type: ignore[arg-type]
                 patient_width_mm=(
                     round(float(width_lo[i]), 1),
@@ -310,7 +310,7 @@ def _sample_patient(
         y = cy + float(rng.uniform(-0.42, 0.08)) * height
         r = float(rng.uniform(7, 16))
         content = str(rng.choice(["gas", "fluid", "feces", "wall"], p=[0.25, 0.3, 0.2, 0.25]))
-        if bowel_contrast and rng.random() < 0.6:
+        if bowel_contrast and rng.random() < 0.4:
             content = "contrast"
         bowel.append((x, y, r, float(rng.uniform(0.55, 1.0)), float(rng.uniform(0, 180)), content))
     for s in (-1.0, 1.0):
@@ -344,7 +344,7 @@ def _sample_patient(
         spine_y=spine_y,
         liver_scale=float(rng.uniform(0.8, 1.15)),
         bowel=bowel,
-        fat_hu=float(rng.uniform(-135, -105)),
+        fat_hu=float(rng.uniform(-145, -115)),  # real CT-KIDNEY fat peaks near -130 HU
         gallbladder=bool(rng.random() < 0.6),
         cancellous_hu=float(rng.uniform(120, 240)),  # lower in osteopenic patients
         bowel_contrast=bowel_contrast,
