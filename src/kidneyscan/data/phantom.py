@@ -723,7 +723,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
             px_, py_ = _kidney_point(frames[s], 0.0, 0.55 * s)
             cv.fill(_shape(px_, py_, 0.24 * a, 0.28 * b, ang), 8.0)
             target = (-ax - 14, ay + 2) if s < 0 else (ax, ay)
-            cv.line(np.array([[hx, hy], target]), t["ivc"], 6.0)
+            cv.line(np.array([[hx, hy], target]), t["ivc"], 4.5)
 
     # ---- ribs at upper slices, outside the cavity -----------------------------------------
     if lv < 0.7:
