@@ -92,6 +92,23 @@ def test_patients_give_neighbouring_slices_with_consecutive_indices(phantom_dir:
         assert len({m["Class"] for m in slices} | {m["site"] for m in slices}) == 2
 
 
+def test_file_numbers_jump_between_series_never_within_a_patient(tmp_path: Path) -> None:
+    ph.generate_dataset(tmp_path, 200, seed=5, sites=2, image_size=32)
+    meta = _read_csv(tmp_path / "phantom_metadata.csv")
+    jumps = 0
+    for c in CLASSES:
+        rows = [m for m in meta if m["Class"] == c]
+        idx = [int(m["image_id"].split("(")[1].rstrip(")")) for m in rows]
+        assert idx[0] == 1 and idx == sorted(idx)
+        for prev, cur, a, b in zip(idx, idx[1:], rows, rows[1:], strict=False):
+            if a["patient_id"] == b["patient_id"]:
+                assert cur == prev + 1
+            elif cur > prev + 1:
+                jumps += 1
+                assert 20 < cur - prev <= 200
+    assert jumps >= 2  # index blocks exist, as in the real sample
+
+
 @pytest.mark.parametrize("class_name", CLASSES)
 def test_masks_and_lesion_hu_are_consistent(class_name: str) -> None:
     site = ph.SiteProfile()

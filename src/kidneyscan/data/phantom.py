@@ -65,6 +65,8 @@ METADATA_COLUMNS: tuple[str, ...] = (
 )
 
 _PHASES = ("none", "arterial", "portal")
+#: Chance that the file numbering jumps (by 20-200) before a patient, as between scan series.
+SERIES_BREAK_PROB = 0.1
 _SHIFT = 4  # fixed-point bits for OpenCV drawing: sub-pixel accurate outlines at 64 px
 _SCALE = float(1 << _SHIFT)
 
@@ -1160,7 +1162,12 @@ def generate_dataset(
     try:
         for c, name in enumerate(CLASSES):
             k = 0
-            for job in plan[name]:
+            # like the real sample, file numbers run on across patients but jump now and then
+            # (a new scan series): index blocks then hold several patients, never split one
+            gaps = np.random.default_rng([seed, 3, c])
+            for j, job in enumerate(plan[name]):
+                if j and gaps.random() < SERIES_BREAK_PROB:
+                    k += int(gaps.integers(20, 200))
                 slices = iter_patient_slices(
                     job.seed,
                     name,
