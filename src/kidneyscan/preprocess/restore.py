@@ -136,7 +136,13 @@ def filter_wiener(image: np.ndarray, *, size: int = 5, noise: float | None = Non
     s = odd_size(size)
     if noise is not None:
         positive(noise, name="noise")
-    return _done(signal.wiener(img.astype(np.float64), mysize=s, noise=noise))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = signal.wiener(img.astype(np.float64), mysize=s, noise=noise)
+    # SciPy divides by the local variance: flat windows (air, saturated bone) give NaN where
+    # the right answer is the (constant) input itself.
+    bad = ~np.isfinite(out)
+    out[bad] = img[bad]
+    return _done(out)
 
 
 def estimate_sigma(image: np.ndarray) -> float:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 from scipy import ndimage as ndi
-from skimage import feature, filters, measure, segmentation
+from skimage import feature, filters, measure, morphology, segmentation
 from sklearn.cluster import KMeans
 
 from kidneyscan.preprocess._checks import as_image, as_mask
@@ -126,7 +126,10 @@ def segment_edges(
         edges = feature.canny(img, sigma=float(sigma))
     elif detector == "sobel":
         mag = filters.sobel(filters.gaussian(img, sigma=float(sigma)))
-        edges = mag > filters.threshold_otsu(mag) if mag.max() > mag.min() else mag > 1
+        band = mag > filters.threshold_otsu(mag) if mag.max() > mag.min() else mag > 1
+        # Thresholded gradients are bands several pixels thick; thin them to centre lines
+        # so the filled region ends on the edge, not outside it.
+        edges = morphology.thin(band)
     else:
         raise ValueError(f"detector must be 'canny' or 'sobel', got {detector!r}")
     closed = closing(edges, shape="disk", radius=1)
