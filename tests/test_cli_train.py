@@ -250,3 +250,22 @@ def test_help_texts() -> None:
     for cmd in ("train", "evaluate", "ensemble", "compare", "demo"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = runner.invoke(
+        app, ["demo", "--out", str(out), "--n", "56", "--epochs", "1", "--threads", "1"]
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    meta = json.loads((out / "checkpoint" / "metadata.json").read_text())
+    assert meta["model"]["name"] == "hybrid"
+    assert (out / "report.md").is_file() and (out / "data" / "kidneyData.csv").is_file()
+    assert "macro-F1" in res.output
+    # A second demo run reuses the generated phantom.
+    stamp = (out / "data" / ".demo.json").stat().st_mtime
+    res = runner.invoke(
+        app, ["demo", "--out", str(out), "--n", "56", "--epochs", "1", "--threads", "1"]
+    )
+    assert res.exit_code == 0 and (out / "data" / ".demo.json").stat().st_mtime == stamp
