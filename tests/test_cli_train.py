@@ -272,3 +272,36 @@ def test_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
         app, ["demo", "--out", str(out), "--n", "56", "--epochs", "1", "--threads", "1"]
     )
     assert res.exit_code == 0 and (out / "data" / ".demo.json").stat().st_mtime == stamp
+
+
+@pytest.mark.slow
+def test_evaluate_all_images_without_split(hybrid_run: Path, data_dir: Path) -> None:
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(hybrid_run / "checkpoint"),
+            "--data",
+            str(data_dir),
+            "--bootstrap",
+            "0",
+        ],
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "on all (56 images)" in res.output.replace("\n", " ")
+    bad = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(hybrid_run / "checkpoint"),
+            "--data",
+            str(data_dir),
+            "--split",
+            str(hybrid_run / "split.csv"),
+            "--subset",
+            "holdout",
+        ],
+    )
+    assert bad.exit_code != 0 and "subset" in bad.output
