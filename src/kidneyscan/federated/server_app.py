@@ -282,10 +282,13 @@ def _metadata(
 def _full_test_metrics(
     model: Any, cfg: Mapping[str, Any], test: list[Sample]
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    from kidneyscan.evaluation.metrics import classification_metrics
+    from kidneyscan.evaluation.metrics import bootstrap_ci, classification_metrics, macro_f1
 
     _, probs, labels = task.evaluate_model(model, test, cfg)
-    return dict(classification_metrics(labels, probs, list(CLASSES))), probs, labels
+    metrics = dict(classification_metrics(labels, probs, list(CLASSES)))
+    lo, hi = bootstrap_ci(labels, probs, macro_f1, n=1000, seed=0)
+    metrics["ci95"] = {"macro_f1": [float(lo), float(hi)]}
+    return metrics, probs, labels
 
 
 def _notes(out: Path, state: Mapping[str, Any]) -> list[str]:
