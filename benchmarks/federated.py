@@ -129,7 +129,7 @@ def run_dataset(
             "model": "hybrid",
             "model-kwargs": json.dumps(HYBRID_KWARGS),
             "image-size": image_size,
-            "batch-size": 32,
+            "batch-size": 16,
             "lr": 2e-3,
             "local-val-fraction": 0.15,
             "seed": 0,
