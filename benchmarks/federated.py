@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-REAL = REPO.parent / "shared" / "data" / "ct-kidney"
+REAL = (
+    next(
+        (p for p in (REPO.parent / "shared", REPO.parents[1] / "shared") if (p / "data").is_dir()),
+        REPO.parent / "shared",
+    )
+    / "data"
+    / "ct-kidney"
+)
+BATCH_SIZE = 16
 HYBRID_KWARGS = {"backbone": "convnext_atto", "embed_dim": 128, "depth": 1, "num_heads": 8}
 
 
@@ -129,7 +137,7 @@ def run_dataset(
             "model": "hybrid",
             "model-kwargs": json.dumps(HYBRID_KWARGS),
             "image-size": image_size,
-            "batch-size": 16,
+            "batch-size": BATCH_SIZE,
             "lr": 2e-3,
             "local-val-fraction": 0.15,
             "seed": 0,
@@ -201,7 +209,9 @@ def _markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Model: hybrid {json.dumps(HYBRID_KWARGS)} at {meta['image_size']} px, trained from "
         "scratch; Dirichlet alpha = "
         f"{meta['alpha']} over 3 sites; test split 20 % (leakage-aware); macro-F1 95 % CI by "
-        f"bootstrap ({meta['n_boot']} resamples).",
+        f"bootstrap ({meta['n_boot']} resamples). Local recipe: batch {meta['batch_size']}, "
+        "AdamW lr 2e-3 (constant), label smoothing 0.1, augmentation; 15 % of each site held "
+        "out for round selection.",
         "",
         "| dataset | run | sites | rounds x local epochs | selected round | test macro-F1 [95 % CI]"
         " | accuracy | MB up / round | MB down / round | rounds wall s | epsilon |",
@@ -265,6 +275,7 @@ def main() -> None:
         "image_size": args.image_size,
         "with_dp": not args.no_dp,
         "n_boot": args.bootstrap,
+        "batch_size": BATCH_SIZE,
     }
     if not args.skip_phantom:
         ph = args.out / "phantom_data"
@@ -283,6 +294,7 @@ def main() -> None:
         "alpha": args.alpha,
         "image_size": args.image_size,
         "n_boot": args.bootstrap,
+        "batch_size": BATCH_SIZE,
     }
     args.results.mkdir(parents=True, exist_ok=True)
     stem = "federated_quick" if args.quick else "federated"
