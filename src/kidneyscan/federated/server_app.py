@@ -137,6 +137,11 @@ def run_federation(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     inner = _wrap_privacy(build_strategy(cfg), cfg)
     strategy = RecordingStrategy(inner, fp16=bool(cfg["transport-fp16"]))
     accountant = getattr(inner, "accountant", None)
+    if accountant is not None:
+        # A resumed DP run has already spent privacy: replay the released rounds so the
+        # budget check and the reported epsilon continue from there, not from zero.
+        for _ in (r for r in state["history"] if "dp-epsilon" in r):
+            accountant.step()
     arrays = ArrayRecord({k: Array(v) for k, v in task.to_named(model).items()})
     t0 = time.perf_counter()
     stopped_reason = ""
