@@ -289,3 +289,31 @@ def test_real_sample_group_split_has_every_class_everywhere(real_data: Path) -> 
     assert splits.crossing_groups(split) == {}
     for name in ("train", "val", "test"):
         assert set(split.info["per_split"][name]) == set(CLASSES)
+
+
+def test_phantom_split_groups_by_true_patient(phantom_dir: Path) -> None:
+    # Prepare
+    samples = scan_dataset(phantom_dir)
+    # Execute
+    split = splits.make_split(samples, seed=0)
+    # Assert: auto grouping uses the phantom's patient ids; no patient is in two splits
+    assert split.info["grouping"] == "patient"
+    where: dict[tuple[int, str | None], set[str]] = {}
+    for name, members in split.items():
+        for s in members:
+            where.setdefault((s.label, s.patient_id), set()).add(name)
+    assert all(len(v) == 1 for v in where.values())
+    assert sum(len(v) for v in split.values()) == len(samples) == 48
+
+
+def test_greedy_fold_choice_also_keeps_every_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: force the greedy path used when there are too many fold combinations
+    monkeypatch.setattr(splits, "MAX_FOLD_CHOICES", 1)
+    samples = _fake_samples()
+    # Execute
+    split = splits.make_split(samples, val=0.2, test=0.2, grouping="blocks", seed=3)
+    # Assert
+    assert splits.crossing_groups(split) == {}
+    for name in ("train", "val", "test"):
+        assert set(split.info["per_split"][name]) == set(CLASSES)
+    assert 0.15 <= split.info["fractions"]["test"] <= 0.25

@@ -41,6 +41,8 @@ DEFAULT_MAX_GAP = 10
 #: neighbouring slices of a run have a median distance of 2, images of different classes
 #: 16 (0.1st percentile 8); see docs/data.md.
 DEFAULT_MAX_DISTANCE = 4
+#: Above this many (test, val) fold combinations, folds are picked greedily.
+MAX_FOLD_CHOICES = 5000
 SPLIT_COLUMNS: tuple[str, ...] = ("path", "image_id", "Class", "label", "group", "split")
 _SPLIT_NAME = re.compile(r"^(train|val|test|fold\d+)$")
 
@@ -317,29 +319,44 @@ def _choose_folds(
 
     With few, large groups (the real sample has 5 to 15 per class) some folds lack a class
     entirely, so taking folds 0 and 1 can leave a class out of test. Every choice of folds is
-    scored (folds are few) by how far each split's class mix and size are from the targets,
-    with a heavy penalty for a class missing from a split; ties keep the lowest fold numbers,
-    so the result is still determined by the seed.
+    scored by how far each split's class mix and size are from the targets, with a heavy
+    penalty for a class missing from a split (greedily when there are more than
+    :data:`MAX_FOLD_CHOICES` choices); ties keep the lowest fold numbers, so the result is
+    still determined by the seed.
     """
     from itertools import combinations
+    from math import comb
 
     if n_test + n_val == 0:
         return set(), set()
     classes = np.unique(labels)
-    overall = np.array([(labels == c).mean() for c in classes])
+    # counts[f, c]: images of class c in fold f; every score below works on these sums only.
+    counts = np.array([[np.sum((folds == f) & (labels == c)) for c in classes] for f in range(k)])
+    overall = counts.sum(axis=0) / max(len(labels), 1)
     n = len(labels)
 
-    def cost(members: tuple[int, ...], target: float) -> float:
+    def cost(members: Sequence[int], target: float) -> float:
         if not members:
             return 0.0
-        mask = np.isin(folds, members)
-        size = int(mask.sum())
+        per_class = counts[list(members)].sum(axis=0)
+        size = int(per_class.sum())
         if size == 0:
             return 1e6
-        mix = np.array([(labels[mask] == c).mean() for c in classes])
-        missing = int((mix == 0).sum())
+        mix = per_class / size
+        missing = int((per_class == 0).sum())
         return 10.0 * missing + float(np.abs(mix - overall).sum()) + abs(size / n - target)
 
+    if comb(k, n_test) * comb(k - n_test, n_val) > MAX_FOLD_CHOICES:
+        # Too many combinations (many small folds): add the best fold one at a time instead.
+        chosen: dict[str, list[int]] = {"test": [], "val": []}
+        for name, count, target in (("test", n_test, test), ("val", n_val, val)):
+            for _ in range(count):
+                free = [f for f in range(k) if f not in chosen["test"] + chosen["val"]]
+                # Score the partial set against the share it should reach at this point.
+                share = target * (len(chosen[name]) + 1) / count
+                best_f = min(free, key=lambda f: (cost([*chosen[name], f], share), f))
+                chosen[name].append(best_f)
+        return set(chosen["test"]), set(chosen["val"])
     best: tuple[float, tuple[int, ...], tuple[int, ...]] | None = None
     for tf in combinations(range(k), n_test):
         rest = [f for f in range(k) if f not in tf]

@@ -23,32 +23,25 @@ log = logging.getLogger(__name__)
 
 
 def split_test(
-    samples: Sequence[Sample], test_fraction: float, seed: int
+    samples: Sequence[Sample], test_fraction: float, seed: int, *, save_to: Path | None = None
 ) -> tuple[list[Sample], list[Sample]]:
     """Split off the server's held-out test set: ``(train_pool, test)``.
 
-    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split` (neighbouring slices and
-    near-duplicates stay on one side) when available.
+    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split`: one patient's slices,
+    neighbouring slices and near-duplicates stay on one side.
     """
+    from kidneyscan.data.splits import make_split
+
     if not 0.0 < test_fraction < 1.0:
         raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
-    try:
-        from kidneyscan.data.splits import make_split
-    except ImportError:
-        make_split = None
-    if make_split is not None:
-        parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
-        return list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
-    from sklearn.model_selection import train_test_split
+    from kidneyscan.data.splits import Split, save_split
 
-    log.warning("kidneyscan.data.splits not available: stratified split without grouping")
-    train, test = train_test_split(
-        list(samples),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=[s.label for s in samples],
-    )
-    return list(train), list(test)
+    parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
+    pool, test = list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
+    if save_to is not None:
+        # The standard split CSV, so `kidneyscan evaluate --split` scores the same test images.
+        save_split(Split({"train": pool, "test": test}, parts.groups, parts.info), save_to)
+    return pool, test
 
 
 def prepare_run(
@@ -64,17 +57,20 @@ def prepare_run(
 ) -> dict[str, Any]:
     """Write ``partitions.csv`` (clients' training rows) and ``test.csv`` (server) to ``out_dir``.
 
+    Also writes ``split.csv`` (train pool / test, the project's split format).
+
     Returns
     -------
     dict
-        Run-config entries to pass on: ``partition-file``, ``test-file``, ``num-clients``,
+        Run-config entries to pass on: ``partition-file``, ``test-file``, ``split-file``,
+        ``num-clients``,
         plus ``summary`` (per-client counts) for display.
     """
     from kidneyscan.data.partition import partition_samples, partition_summary, save_partitions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pool, test = split_test(samples, test_fraction, seed)
+    pool, test = split_test(samples, test_fraction, seed, save_to=out / "split.csv")
     parts = partition_samples(
         pool, num_clients, scheme=partitioning, alpha=alpha, min_samples=min_samples, seed=seed
     )
@@ -85,6 +81,7 @@ def prepare_run(
     return {
         "partition-file": str(part_file.resolve()),
         "test-file": str(test_file.resolve()),
+        "split-file": str((out / "split.csv").resolve()),
         "num-clients": num_clients,
         "summary": summary,
         "n_test": len(test),
@@ -168,3 +165,73 @@ def simulate(
         )
     result: dict[str, Any] = json.loads(summary_file.read_text())
     return result
+
+
+#: The demo's small hybrid (same as the centralized demo): convnext_atto backbone, one encoder
+#: block of 128-d tokens; 80 % of the backbone frozen, so only ~2 M tensors travel.
+DEMO_MODEL_KWARGS = {"backbone": "convnext_atto", "embed_dim": 128, "depth": 1, "num_heads": 8}
+
+
+def demo_federated(
+    out_dir: str | Path,
+    *,
+    n: int = 300,
+    image_size: int = 64,
+    rounds: int = 5,
+    local_epochs: int = 2,
+    sites: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Phantom hospitals -> federated hybrid training (FedAvg) -> metrics, report, checkpoint.
+
+    The phantom goes to ``<out_dir>/data`` (one scanner profile per hospital, reused when
+    already there with the same settings); each hospital is one site (``site`` partitioning:
+    scanner shift between hospitals). The selected global model is written to
+    ``<out_dir>/checkpoint``, the report to ``<out_dir>/report.md``.
+
+    Returns
+    -------
+    dict
+        The ``federation.json`` summary.
+    """
+    from kidneyscan.data.datasets import scan_dataset
+    from kidneyscan.data.phantom import generate_dataset
+
+    out = Path(out_dir)
+    data = out / "data"
+    stamp = data / ".demo.json"
+    want = {"n": n, "seed": seed, "sites": sites, "image_size": max(64, image_size)}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+        generate_dataset(
+            data, n, seed=seed, sites=sites, image_size=want["image_size"], progress=True
+        )
+        stamp.write_text(json.dumps(want))
+    prepared = prepare_run(
+        scan_dataset(data),
+        out,
+        num_clients=sites,
+        partitioning="site",
+        min_samples=8,
+        test_fraction=0.2,
+        seed=seed,
+    )
+    config = {
+        "strategy": "fedavg",
+        "partitioning": "site",
+        "num-server-rounds": rounds,
+        "local-epochs": local_epochs,
+        "min-clients": sites,
+        "model": "hybrid",
+        "model-kwargs": json.dumps(DEMO_MODEL_KWARGS),
+        "image-size": image_size,
+        "batch-size": 32,
+        "lr": 2e-3,
+        "local-val-fraction": 0.15,
+        "seed": seed,
+        "out-dir": str(out),
+        "partition-file": prepared["partition-file"],
+        "test-file": prepared["test-file"],
+        "split-file": prepared["split-file"],
+        "num-clients": sites,
+    }
+    return simulate(config, num_clients=sites)

@@ -200,6 +200,14 @@ def load_weights(module: nn.Module, weights: str | Path) -> dict[str, Any]:
             adapted.append(key)
         else:
             mismatch.append(key)
+    if source.startswith("efficientnet-lite0"):
+        body = [k for k in state if not k.startswith("classifier.")]
+        if any(k not in to_load for k in body):
+            raise WeightsError(
+                f"weights='efficientnet-lite0' fit only {EFFICIENTNET_LITE0_ARCH!r} "
+                f"(alias efficientnet_lite0); {sum(k in to_load for k in body)} of {len(body)} "
+                "tensors matched this model"
+            )
     missing = [k for k in target if k not in to_load]
     unexpected = [k for k in state if k not in target]
     if not to_load:

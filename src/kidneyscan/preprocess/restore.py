@@ -115,7 +115,7 @@ def mean_alpha_trimmed(image: np.ndarray, *, size: int = 5, d: int = 6) -> np.nd
     if int(d) != d or d < 0 or d % 2 or d >= n:
         raise ValueError(f"d must be an even integer in [0, {n - 1}], got {d}")
     r = s // 2
-    padded = np.pad(img, r, mode="reflect")
+    padded = np.pad(img, r, mode="symmetric")  # = SciPy's "reflect", as the other filters
     windows = np.lib.stride_tricks.sliding_window_view(padded, (s, s)).reshape(*img.shape, n)
     part = np.sort(windows, axis=-1)[..., d // 2 : n - d // 2]
     return _done(part.mean(axis=-1))
@@ -141,7 +141,9 @@ def filter_wiener(image: np.ndarray, *, size: int = 5, noise: float | None = Non
 
 def estimate_sigma(image: np.ndarray) -> float:
     """Gaussian noise std by wavelet MAD (:func:`skimage.restoration.estimate_sigma`)."""
-    return float(restoration.estimate_sigma(as_image(image)))
+    # float64 on purpose: with float32 input the estimate is wrong (0.03 on noise-free
+    # piecewise-constant slices, measured with scikit-image 0.26).
+    return float(restoration.estimate_sigma(as_image(image).astype(np.float64)))
 
 
 @register_step("nlm")
@@ -209,13 +211,14 @@ def denoise_bm3d(image: np.ndarray, *, sigma: float | None = None) -> np.ndarray
 
 
 def find_periodic_peaks(
-    image: np.ndarray, *, ratio: float = 30.0, min_radius: int = 6, max_peaks: int = 8
+    image: np.ndarray, *, ratio: float = 8.0, min_radius: int = 6, max_peaks: int = 8
 ) -> list[tuple[int, int]]:
     """Locate isolated spectral spikes (periodic interference) in the centred FFT magnitude.
 
     A Hann window suppresses the border cross; a pixel counts as a spike when it is a local
     maximum, at least ``min_radius`` frequency bins from DC and ``ratio`` times above the
-    median magnitude of its 15 x 15 neighbourhood.
+    median magnitude of its 15 x 15 neighbourhood. The default 8 is about twice the largest
+    ratio measured on noise-free phantom-like slices and on real CT-KIDNEY slices (<= 4.5).
 
     Returns
     -------
