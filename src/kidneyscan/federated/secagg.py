@@ -347,4 +347,7 @@ def make_kidneyscan_apps(
 server_app = make_server_app()
 client_app = make_client_app()
 #: ... and the KidneyScan model.
-kidneyscan_server_app, kidneyscan_client_app = make_kidneyscan_apps()
+# Two plain assignments: Flower's app validation looks the names up statically.
+_KIDNEYSCAN_APPS = make_kidneyscan_apps()
+kidneyscan_server_app = _KIDNEYSCAN_APPS[0]
+kidneyscan_client_app = _KIDNEYSCAN_APPS[1]
