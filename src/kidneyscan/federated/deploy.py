@@ -131,6 +131,12 @@ class NodeDeadlineGrid(_grid_base()):  # type: ignore[misc]
         """Delegate to the wrapped grid."""
         return self.grid.send_and_receive(messages, timeout=timeout)
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a Grid implementation offers (only called for missing attributes).
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
 
 def wait_for_nodes(grid: Any, min_nodes: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:
     """Block until ``min_nodes`` SuperNodes are connected, or raise after ``timeout_s``.
