@@ -314,6 +314,7 @@ class Predictor:
     def explain(self, resized: np.ndarray, tensor: torch.Tensor, target_index: int) -> Explanation:
         """Grad-CAM heatmap of a prepared image for class ``target_index`` (torch model)."""
         from kidneyscan.explain.gradcam import find_target_layers, gradcam_heatmap
+        from kidneyscan.models.factory import gradcam_reshape_transform
 
         t0 = time.perf_counter()
         with self._lock:
@@ -323,7 +324,13 @@ class Predictor:
                 )
                 names = {id(m): n for n, m in self.model.named_modules()}
                 self._layer_name = ",".join(names.get(id(m), "?") for m in self._target_layers)
-            heat = gradcam_heatmap(self.model, tensor, target_index, self._target_layers)
+            heat = gradcam_heatmap(
+                self.model,
+                tensor,
+                target_index,
+                self._target_layers,
+                reshape_transform=gradcam_reshape_transform(self.model),
+            )
         return Explanation(
             image=resized,
             heatmap=heat,
