@@ -296,16 +296,18 @@ class Predictor:
         """Preprocess and predict float32 (H, W) images in [0, 1]."""
         return self.predict_tensors([self.prepare(im)[1] for im in images])
 
-    def class_index(self, target: str | int) -> int:
+    def class_index(self, target: object) -> int:
         """Resolve a class name (case-insensitive) or index; ``ValueError`` names the choices."""
-        if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
-            idx = int(target)
-            if 0 <= idx < len(self.classes):
-                return idx
-        else:
+        if isinstance(target, int) and not isinstance(target, bool):
+            if 0 <= target < len(self.classes):
+                return target
+        elif isinstance(target, str):
+            key = target.strip().lower()
+            if key.isdigit() and int(key) < len(self.classes):
+                return int(key)
             lowered = [c.lower() for c in self.classes]
-            if target.strip().lower() in lowered:
-                return lowered.index(target.strip().lower())
+            if key in lowered:
+                return lowered.index(key)
         raise ValueError(
             f"unknown target class {target!r}; choose one of {', '.join(self.classes)} "
             f"or an index 0-{len(self.classes) - 1}"
