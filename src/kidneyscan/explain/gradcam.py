@@ -120,8 +120,10 @@ def gradcam_heatmap(
         raise ValueError(f"expected one image, got a batch of {x.shape[0]}")
     if target_layers is None:
         target_layers = find_target_layers(model, x.shape[-1], x.shape[1])
-    # A clone turns a possible inference-mode tensor into a normal one that autograd accepts.
-    x = x.detach().clone()
+    # A clone turns a possible inference-mode tensor into a normal one that autograd accepts;
+    # requiring its gradient keeps activations differentiable when the backbone is frozen
+    # (the hybrid freezes most of its ConvNeXt by default).
+    x = x.detach().clone().requires_grad_(True)
     with (
         _CAM_LOCK,
         torch.inference_mode(False),
