@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kidneyscan.federated import task
 from kidneyscan.federated.strategies import (
@@ -193,53 +192,42 @@ def test_recorder_delegates_to_inner_strategy() -> None:
 # --------------------------------------------------------------------------- simulation
 
 
-def _write_tiny_dataset(root: Path, per_class: int = 12) -> Path:
-    """Four easy synthetic classes, 64 px PNGs (until the phantom fixture is on main)."""
-    rng = np.random.default_rng(0)
-    for ci, cls in enumerate(("Cyst", "Normal", "Stone", "Tumor")):
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.normal(0.3, 0.05, (64, 64))
-            if ci == 0:
-                img[20:40, 20:40] = 0.05
-            elif ci == 2:
-                img[28:34, 28:34] = 1.0
-            elif ci == 3:
-                img[10:50, 30:50] += 0.35
-            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(
-                root / cls / f"{cls}- ({i}).png"
-            )
-    return root
+HYBRID = {
+    "model": "hybrid",
+    "model-kwargs": json.dumps(
+        {"backbone": "convnext_atto", "embed_dim": 64, "depth": 1, "num_heads": 4}
+    ),
+    "image-size": 64,
+}
 
 
 @pytest.fixture(scope="module")
-def federated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """One 2-round, 2-client simulation through the CLI (shared by the tests below)."""
+def federated_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """2 rounds, 3 phantom hospitals (one per site), tiny hybrid, via the CLI; shared below."""
     from typer.testing import CliRunner
 
     from kidneyscan.cli import app
 
-    base = tmp_path_factory.mktemp("fed")
-    data = _write_tiny_dataset(base / "data")
-    out = base / "run"
+    out = tmp_path_factory.mktemp("fed") / "run"
     result = CliRunner().invoke(
         app,
         [
             "federate",
-            "--data", str(data),
-            "--clients", "2",
+            "--data", str(phantom_dir),
+            "--clients", "3",
             "--rounds", "2",
-            "--partitioning", "dirichlet",
-            "--alpha", "1.0",
+            "--partitioning", "site",
             "--strategy", "fedprox",
-            "--image-size", "32",
+            "--model", "hybrid",
+            "--model-kwargs", HYBRID["model-kwargs"],
+            "--image-size", "64",
             "--batch-size", "8",
             "--fp16",
             "--out", str(out),
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    return data, out
+    return phantom_dir, out
 
 
 @pytest.mark.slow
@@ -254,14 +242,14 @@ def test_two_round_simulation_writes_a_servable_checkpoint(federated_run: tuple)
     assert summary["completed_round"] == 2
     assert [r["round"] for r in history] == [1, 2]
     for row in history:
-        assert sorted(c["partition-id"] for c in row["clients"]) == [0, 1]
+        assert sorted(c["partition-id"] for c in row["clients"]) == [0, 1, 2]
         assert all(np.isfinite(c["train-loss"]) for c in row["clients"])
         assert 0.0 <= row["test-macro-f1"] <= 1.0
         assert row["failures"] == []
     assert meta["classes"] == ["Cyst", "Normal", "Stone", "Tumor"]
-    assert meta["preprocessing"]["image_size"] == 32
+    assert meta["preprocessing"]["image_size"] == 64
     assert meta["training"]["mode"] == "federated"
-    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "metrics.json").is_file()
 
@@ -270,17 +258,20 @@ def test_two_round_simulation_writes_a_servable_checkpoint(federated_run: tuple)
 def test_bytes_per_round_match_fp16_trainable_payload(federated_run: tuple) -> None:
     _, out = federated_run
     history = json.loads((out / "curves.json").read_text())
-    cfg = task.run_config({"model": "convnext_atto", "image-size": 32})
-    expected_per_client = task.payload_bytes(task.to_named(task.build_model(cfg), fp16=True))
+    model = task.build_model(task.run_config(HYBRID))
+    expected_per_client = task.payload_bytes(task.to_named(model, fp16=True))
+    all_tensors = sum(v.numel() * 2 for v in model.state_dict().values())
 
+    assert expected_per_client < 0.8 * all_tensors  # the frozen backbone stays home
     for row in history:
-        assert [c["bytes-up"] for c in row["clients"]] == [expected_per_client] * 2
-        assert row["bytes-up"] == 2 * expected_per_client
+        assert [c["bytes-up"] for c in row["clients"]] == [expected_per_client] * 3
+        assert row["bytes-up"] == 3 * expected_per_client
 
 
 @pytest.mark.slow
-def test_each_client_trained_only_on_its_partition(federated_run: tuple) -> None:
+def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
     from kidneyscan.data.partition import load_partition
+    from kidneyscan.data.splits import load_split
 
     _, out = federated_run
     parts = load_partition(out / "partitions.csv")
@@ -290,10 +281,15 @@ def test_each_client_trained_only_on_its_partition(federated_run: tuple) -> None
 
     train_paths = {str(s.path) for p in parts for s in p}
     assert train_paths.isdisjoint(str(s.path) for s in test)
+    split = load_split(out / "split.csv")  # the standard split file, for `kidneyscan evaluate`
+    assert {str(s.path) for s in split["test"]} == {str(s.path) for s in test}
+    assert {str(s.path) for s in split["train"] + split["val"]} == train_paths
+    assert [{s.site for s in p} for p in parts] == [{"site0"}, {"site1"}, {"site2"}]
     for c in history[0]["clients"]:
         part = parts[c["partition-id"]]
-        expected, _ = task.split_local(part, float(local_val), 0)
+        expected, held_out = task.split_local(part, float(local_val), 0)
         assert c["num-examples"] == len(expected)
+        assert {str(s.path) for s in held_out} <= {str(s.path) for s in split["val"]}
 
 
 @pytest.mark.slow
@@ -306,7 +302,7 @@ def test_resume_continues_from_the_last_global_state(federated_run: tuple) -> No
     run_cfg = json.loads((out / "run_config.json").read_text())
     named_before, _ = load_state(out)
 
-    summary = simulate({**run_cfg, "num-server-rounds": 3, "resume": True}, num_clients=2)
+    summary = simulate({**run_cfg, "num-server-rounds": 3, "resume": True}, num_clients=3)
 
     after = json.loads((out / "curves.json").read_text())
     named_after, state = load_state(out)

@@ -60,6 +60,11 @@ def federate(
     model: str = typer.Option(
         "convnext_atto", "--model", help="Model name for the factory (e.g. hybrid, small_cnn)."
     ),
+    model_kwargs: str = typer.Option(
+        "{}",
+        "--model-kwargs",
+        help='Model options as JSON, e.g. \'{"backbone": "convnext_atto"}\'.',
+    ),
     image_size: int = typer.Option(64, "--image-size", min=8, help="Input size in pixels."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Local batch size."),
     lr: float = typer.Option(1e-3, "--lr", help="Local AdamW learning rate."),
@@ -124,6 +129,7 @@ def federate(
             prepared = {
                 "partition-file": str((out / "partitions.csv").resolve()),
                 "test-file": str((out / "test.csv").resolve()),
+                "split-file": str((out / "split.csv").resolve()),
                 "summary": [],
             }
         else:
@@ -135,6 +141,7 @@ def federate(
                 alpha=alpha,
                 min_samples=min_samples,
                 test_fraction=test_fraction,
+                local_val_fraction=local_val,
                 seed=seed,
             )
         _print_partitions(console, Table, prepared["summary"])
@@ -149,6 +156,7 @@ def federate(
             "assumed-attackers": attackers,
             "proximal-mu": proximal_mu,
             "model": model,
+            "model-kwargs": model_kwargs,
             "image-size": image_size,
             "batch-size": batch_size,
             "lr": lr,
@@ -159,6 +167,7 @@ def federate(
             "resume": resume,
             "partition-file": prepared["partition-file"],
             "test-file": prepared["test-file"],
+            "split-file": prepared["split-file"],
             "num-clients": clients,
             "dp": dp,
         }

@@ -131,6 +131,12 @@ class NodeDeadlineGrid(_grid_base()):  # type: ignore[misc]
         """Delegate to the wrapped grid."""
         return self.grid.send_and_receive(messages, timeout=timeout)
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a Grid implementation offers (only called for missing attributes).
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
 
 def wait_for_nodes(grid: Any, min_nodes: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:
     """Block until ``min_nodes`` SuperNodes are connected, or raise after ``timeout_s``.
@@ -338,6 +344,7 @@ class LocalFederation:
                 raise DeploymentError(f"{tool} not found in {self.bin_dir}")
         self.superlink: ManagedProcess | None = None
         self.nodes: list[ManagedProcess] = []
+        self.extra_nodes: list[ManagedProcess] = []
         self.port = 0
         self.credentials: Credentials | None = None
 
@@ -432,12 +439,11 @@ class LocalFederation:
             assert self.credentials is not None
             for i in range(self.num_nodes):
                 self.flwr("supernode", "register", str(self.credentials.node_public_key(i)))
-        for i in range(self.num_nodes):
-            self.nodes.append(self.start_node(i))
+        self.nodes = [self.start_node(i) for i in range(self.num_nodes)]
         return self
 
     def start_node(self, index: int) -> ManagedProcess:
-        """Start SuperNode ``index`` (also used to bring a killed node back)."""
+        """Start SuperNode ``index`` (one beyond ``num_nodes`` is still stopped by ``stop``)."""
         assert self.bin_dir is not None
         config = (
             self.node_configs[index]
@@ -464,7 +470,10 @@ class LocalFederation:
         if self.auth:
             assert self.credentials is not None
             argv += ["--auth-supernode-private-key", str(self.credentials.node_key(index))]
-        return self._spawn(f"supernode-{index}", argv)
+        proc = self._spawn(f"supernode-{index}", argv)
+        if self.nodes and index >= len(self.nodes):
+            self.extra_nodes.append(proc)
+        return proc
 
     def flwr(self, *args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
         """Run a ``flwr`` CLI command against this federation's connection."""
@@ -541,9 +550,15 @@ class LocalFederation:
             traffic=dict(info.get("network-traffic", {})),
         )
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every process group started here, SIGKILL what is left after ``grace_s``."""
-        procs = [*self.nodes, *([self.superlink] if self.superlink else [])]
+    def stop(self, grace_s: float = 10.0) -> list[int]:
+        """SIGTERM every process group started here, SIGKILL what is left after ``grace_s``.
+
+        Returns
+        -------
+        list of int
+            Pids still alive in those groups 5 s after SIGKILL (empty when all are gone).
+        """
+        procs = [*self.nodes, *self.extra_nodes, *([self.superlink] if self.superlink else [])]
         for proc in procs:
             proc.signal(signal.SIGTERM)
         deadline = time.monotonic() + grace_s
@@ -555,6 +570,14 @@ class LocalFederation:
             proc.signal(signal.SIGKILL)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=5)
+        deadline = time.monotonic() + 5.0
+        left = [pid for proc in procs for pid in group_members(proc.pid)]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = [pid for proc in procs for pid in group_members(proc.pid)]
+        if left:
+            LOGGER.warning("processes still alive after stop: %s", left)
+        return left
 
     def __enter__(self) -> LocalFederation:
         return self.start()
@@ -628,13 +651,166 @@ num-clients = 3
 """
 
 
-def write_smoke_app(app_dir: str | Path) -> Path:
+def write_smoke_app(app_dir: str | Path, secagg: bool = False) -> Path:
     """Write a Flower app directory whose components are :mod:`kidneyscan.federated.smoke`.
 
-    The app code itself is imported from the installed ``kidneyscan`` package on every
-    SuperNode (``PYTHONPATH`` or ``pip install``), so the FAB holds only ``pyproject.toml``.
+    With ``secagg`` the components are the smoke model under SecAgg+
+    (:mod:`kidneyscan.federated.secagg`). The app code itself is imported from the installed
+    ``kidneyscan`` package on every SuperNode (``PYTHONPATH`` or ``pip install``), so the FAB
+    holds only ``pyproject.toml``.
     """
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(SMOKE_APP_PYPROJECT)
+    text = SMOKE_APP_PYPROJECT
+    if secagg:
+        text = text.replace("smoke:server_app", "secagg:server_app")
+        text = text.replace("smoke:client_app", "secagg:client_app")
+        text += "fail-round = 0\n" + _secagg_config_lines()
+    (app_dir / "pyproject.toml").write_text(text)
     return app_dir
+
+
+def _secagg_config_lines() -> str:
+    from kidneyscan.federated.secagg import DEFAULTS
+
+    skip = {"num-server-rounds", "min-clients", "node-timeout"}
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in DEFAULTS.items() if k not in skip)
+
+
+def write_kidneyscan_secagg_app(app_dir: str | Path) -> Path:
+    """App directory training the KidneyScan model under SecAgg+ (``secagg.kidneyscan_*``).
+
+    Its run config is KidneyScan's (``federated.task.DEFAULTS``) plus the SecAgg+ keys.
+    """
+    from kidneyscan.federated import task
+
+    app_dir = Path(app_dir)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    head = SMOKE_APP_PYPROJECT.split("[tool.flwr.app.config]")[0]
+    head = head.replace('name = "kidneyscan-smoke"', 'name = "kidneyscan-secagg"')
+    head = head.replace("smoke:server_app", "secagg:kidneyscan_server_app")
+    head = head.replace("smoke:client_app", "secagg:kidneyscan_client_app")
+    config = dict(task.DEFAULTS) | {"node-timeout": 300.0}
+    lines = "".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items())
+    (app_dir / "pyproject.toml").write_text(
+        head + "[tool.flwr.app.config]\n" + lines + _secagg_config_lines()
+    )
+    return app_dir
+
+
+def _parse_run_config(text: str) -> dict[str, Any]:
+    """``"key=value key2='text'"`` -> dict, with TOML value syntax (as ``flwr run -c``)."""
+    import shlex
+    import tomllib
+
+    config: dict[str, Any] = {}
+    for item in shlex.split(text):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"run-config entry {item!r} is not key=value")
+        try:
+            config[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            config[key] = value  # bare words are strings
+    return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Loopback deployment: SuperLink + SuperNodes (+ TLS, node auth), ``flwr run``, stop all.
+
+    Exit code 0 when the run completed, 1 when it failed (its reason is printed), 2 on bad
+    arguments, 3 when the federation could not be started.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m kidneyscan.federated.deploy",
+        description="Run a Flower app on a local SuperLink + SuperNodes, then stop every process.",
+    )
+    parser.add_argument("--app", default=".", help="Flower app directory (default: repo root)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="use the seconds-long smoke app instead of --app"
+    )
+    parser.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (SecAgg+): the KidneyScan model, or the smoke one with --smoke",
+    )
+    parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (hospitals)")
+    parser.add_argument(
+        "--data-dir",
+        action="append",
+        default=[],
+        help="local image folder of one hospital (repeat once per node; sets node-config "
+        "data-dir); without it nodes get partition-id / num-partitions",
+    )
+    parser.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    parser.add_argument("--auth", action="store_true", help="SuperNode authentication (ECDSA)")
+    parser.add_argument("--workdir", default="runs/deploy", help="logs, certs, FLWR_HOME")
+    parser.add_argument(
+        "--run-config", default="", help="overrides, e.g. \"num-server-rounds=2 dp='server-fixed'\""
+    )
+    parser.add_argument("--timeout", type=float, default=3600.0, help="max seconds for the run")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.nodes < 1:
+        parser.error("--nodes must be >= 1")
+    if args.data_dir and len(args.data_dir) != args.nodes:
+        parser.error(f"{len(args.data_dir)} --data-dir for {args.nodes} nodes")
+    if args.auth and args.insecure:
+        parser.error("--auth needs TLS: drop --insecure")
+    for folder in args.data_dir:
+        if not Path(folder).is_dir():
+            parser.error(f"--data-dir {folder} is not a folder")
+    try:
+        run_config = _parse_run_config(args.run_config)
+    except ValueError as err:
+        parser.error(str(err))
+    workdir = Path(args.workdir).resolve()
+    if args.smoke:
+        app = write_smoke_app(workdir / "smoke_app", secagg=args.secagg)
+    elif args.secagg:
+        app = write_kidneyscan_secagg_app(workdir / "secagg_app")
+    else:
+        app = Path(args.app).resolve()
+    if not (app / "pyproject.toml").is_file():
+        parser.error(f"{app} has no pyproject.toml: not a Flower app directory")
+    node_configs = (
+        [{"data-dir": str(Path(d).resolve())} for d in args.data_dir] if args.data_dir else None
+    )
+    src = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH", "")]))}
+    fed = LocalFederation(
+        workdir,
+        num_nodes=args.nodes,
+        tls=not args.insecure,
+        auth=args.auth,
+        node_configs=node_configs,
+        env=env,
+    )
+    try:
+        try:
+            fed.start()
+        except DeploymentError as err:
+            print(f"could not start the federation: {err}", file=sys.stderr)
+            return 3
+        print(f"SuperLink 127.0.0.1:{fed.port} (pid {fed.superlink.pid if fed.superlink else '?'})")
+        for node in fed.nodes:
+            print(f"{node.name}: pid {node.pid}, log {node.log_path}")
+        outcome = fed.run(app, run_config, timeout_s=args.timeout)
+        print(outcome.output)
+        print(f"run {outcome.run_id}: {outcome.status} in {outcome.wall_s:.1f} s")
+        if outcome.traffic:
+            print(f"network traffic: {outcome.traffic}")
+        if not outcome.ok:
+            print(f"run failed: {outcome.details}", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        left = fed.stop()
+        print("all processes stopped" if not left else f"still alive: {left}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -146,7 +146,8 @@ class DPConfig:
         Keys: ``dp``, ``dp-noise-multiplier``, ``dp-clipping-norm``, ``dp-delta``,
         ``dp-epsilon-budget`` (``0`` = no budget), ``dp-sampled-clients`` (default: all),
         ``dp-total-clients`` (default: ``num-clients`` / ``clients`` / ``num-supernodes`` /
-        ``num-partitions``, whichever is present).
+        ``num-partitions``, whichever is present); adaptive modes also read
+        ``dp-clipped-count-stddev`` (default ``max(sampled / 20, noise multiplier)``).
 
         Raises
         ------
@@ -429,13 +430,19 @@ def wrap_strategy(
         dp_strategy = DifferentialPrivacyServerSideFixedClipping(strategy, sigma, clip, m)
     elif config.mode == "client-fixed":
         dp_strategy = DifferentialPrivacyClientSideFixedClipping(strategy, sigma, clip, m)
-    elif config.mode == "server-adaptive":
-        dp_strategy = DifferentialPrivacyServerSideAdaptiveClipping(
-            strategy, sigma, m, initial_clipping_norm=clip
-        )
     else:
-        dp_strategy = DifferentialPrivacyClientSideAdaptiveClipping(
-            strategy, sigma, m, initial_clipping_norm=clip
+        # Flower's default clipped-count noise (m / 20) is meant for thousands of clients; with
+        # a few hospitals it cannot reach the target noise at all (Flower raises). sigma_b = sigma
+        # keeps the update's effective noise at sigma / sqrt(3/4); the two Gaussian queries
+        # together cost exactly one Gaussian release with noise multiplier sigma.
+        count_std = _number(run_config, "dp-clipped-count-stddev", None) or max(m / 20, sigma)
+        adaptive = (
+            DifferentialPrivacyServerSideAdaptiveClipping
+            if config.mode == "server-adaptive"
+            else DifferentialPrivacyClientSideAdaptiveClipping
+        )
+        dp_strategy = adaptive(
+            strategy, sigma, m, initial_clipping_norm=clip, clipped_count_stddev=count_std
         )
     accountant = PrivacyAccountant.from_config(config)
     LOGGER.info("DP enabled: %s", asdict(config))

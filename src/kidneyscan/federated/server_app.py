@@ -41,7 +41,14 @@ GLOBAL_FILE = "global.safetensors"
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config (see :data:`task.DEFAULTS`)."""
     cfg = task.run_config(context.run_config)
-    run_federation(grid, cfg)
+    run_federation(_guard_nodes(grid, cfg), cfg)
+
+
+def _guard_nodes(grid: Grid, cfg: Mapping[str, Any]) -> Grid:
+    """Fail after ``node-timeout`` s with too few nodes instead of waiting forever (fedpriv)."""
+    from kidneyscan.federated.deploy import NodeDeadlineGrid
+
+    return NodeDeadlineGrid(grid, int(cfg["min-clients"]), float(cfg.get("node-timeout", 300.0)))
 
 
 def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
@@ -59,12 +66,17 @@ def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
 
 
 def _load_test(cfg: Mapping[str, Any]) -> list[Sample]:
-    if not cfg.get("test-file"):
-        log.warning("no test-file in the run config: no server-side evaluation")
-        return []
-    from kidneyscan.data.partition import load_partition
+    """Server-side held-out test images: ``test-file`` (simulation) or ``test-dir`` (deployment)."""
+    if cfg.get("test-file"):
+        from kidneyscan.data.partition import load_partition
 
-    return load_partition(str(cfg["test-file"]))[0]
+        return load_partition(str(cfg["test-file"]))[0]
+    if cfg.get("test-dir"):
+        from kidneyscan.data.datasets import scan_dataset
+
+        return scan_dataset(str(cfg["test-dir"]))
+    log.warning("no test-file / test-dir in the run config: no server-side evaluation")
+    return []
 
 
 def _save_state(state_dir: Path, named: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
@@ -132,6 +144,11 @@ def run_federation(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     inner = _wrap_privacy(build_strategy(cfg), cfg)
     strategy = RecordingStrategy(inner, fp16=bool(cfg["transport-fp16"]))
     accountant = getattr(inner, "accountant", None)
+    if accountant is not None:
+        # A resumed DP run has already spent privacy: replay the released rounds so the
+        # budget check and the reported epsilon continue from there, not from zero.
+        for _ in (r for r in state["history"] if "dp-epsilon" in r):
+            accountant.step()
     arrays = ArrayRecord({k: Array(v) for k, v in task.to_named(model).items()})
     t0 = time.perf_counter()
     stopped_reason = ""
@@ -259,7 +276,7 @@ def _metadata(
         "preprocessing": pre.to_dict(),
         "temperature": 1.0,  # the server holds no validation images to calibrate on
         "metrics": dict(metrics),
-        "split_file": str(cfg.get("test-file", "")),
+        "split_file": str(cfg.get("split-file") or cfg.get("test-file", "")),
         "task": "multiclass",
         "input_size": int(cfg["image-size"]),
         "normalisation": {"mean": list(pre.mean), "std": list(pre.std)},
@@ -274,15 +291,44 @@ def _metadata(
     }
 
 
-def _full_test_metrics(model: Any, cfg: Mapping[str, Any], test: list[Sample]) -> dict[str, Any]:
-    scalars, probs, labels = task.evaluate_model(model, test, cfg)
-    try:
-        from kidneyscan.evaluation.metrics import classification_metrics
-    except ImportError:
-        return dict(scalars)
-    full = dict(classification_metrics(labels, probs, list(CLASSES)))
-    full.setdefault("macro-f1", scalars["macro-f1"])
-    return full
+def _full_test_metrics(
+    model: Any, cfg: Mapping[str, Any], test: list[Sample]
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    from kidneyscan.evaluation.metrics import bootstrap_ci, classification_metrics, macro_f1
+
+    _, probs, labels = task.evaluate_model(model, test, cfg)
+    metrics = dict(classification_metrics(labels, probs, list(CLASSES)))
+    lo, hi = bootstrap_ci(labels, probs, macro_f1, n=1000, seed=0)
+    metrics["ci95"] = {"macro_f1": [float(lo), float(hi)]}
+    return metrics, probs, labels
+
+
+def _notes(out: Path, state: Mapping[str, Any]) -> list[str]:
+    """Markdown section of the federated report: curves and one row per round."""
+    lines = [
+        "## Federated rounds",
+        "",
+        "![curves](curves.png)",
+        "",
+        "| round | mean local train loss | client-val macro-F1 | test accuracy | test macro-F1 "
+        "| MB up | failures |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in state["history"]:
+        lines.append(
+            f"| {r['round']} | {r.get('train-loss', float('nan')):.4f} "
+            f"| {r.get('val-macro-f1', float('nan')):.3f} "
+            f"| {r.get('test-accuracy', float('nan')):.3f} "
+            f"| {r.get('test-macro-f1', float('nan')):.3f} | {r['bytes-up'] / 1e6:.2f} "
+            f"| {len(r['failures'])} |"
+        )
+    best = state.get("best") or {}
+    lines += [
+        "",
+        f"Selected round: {best.get('round')} (by the sites' validation macro-F1; the test set "
+        "is never used for selection). Per-client numbers are in `curves.json`.",
+    ]
+    return ["\n".join(lines)]
 
 
 def _save_checkpoint(
@@ -354,12 +400,29 @@ def _finish(out: Path, cfg: Mapping[str, Any], state: dict[str, Any], test: list
         return
     from kidneyscan.models.checkpoint import load_checkpoint
 
-    model, _ = load_checkpoint(ckpt)
-    metrics = _full_test_metrics(model, cfg, test)
-    metrics["federated"] = summary
+    model, meta = load_checkpoint(ckpt)
+    metrics, probs, labels = _full_test_metrics(model, cfg, test)
+    metrics["federated"] = json.loads(json.dumps(summary, default=float))
     try:
         from kidneyscan.evaluation.report import write_report
-    except ImportError:
+    except ImportError:  # the engine's report module is optional for the federated core
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
         return
-    write_report(out, metrics)
+    write_report(
+        out,
+        metrics,
+        labels=labels,
+        probs=probs,
+        title="KidneyScan federated run",
+        summary={
+            "model": json.dumps(meta["model"]),
+            "strategy": cfg["strategy"],
+            "partitioning": cfg["partitioning"],
+            "clients": cfg.get("num-clients"),
+            "rounds completed": state["completed_round"],
+            "selected round": (state.get("best") or {}).get("round"),
+            "test images": len(test),
+            "wall time (rounds) s": round(float(state.get("wall-seconds") or 0.0), 1),
+        },
+        notes=_notes(out, state),
+    )

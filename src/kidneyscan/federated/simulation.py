@@ -24,31 +24,19 @@ log = logging.getLogger(__name__)
 
 def split_test(
     samples: Sequence[Sample], test_fraction: float, seed: int
-) -> tuple[list[Sample], list[Sample]]:
-    """Split off the server's held-out test set: ``(train_pool, test)``.
+) -> tuple[list[Sample], list[Sample], Any]:
+    """Split off the server's held-out test set: ``(train_pool, test, split)``.
 
-    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split` (neighbouring slices and
-    near-duplicates stay on one side) when available.
+    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split`: one patient's slices,
+    neighbouring slices and near-duplicates stay on one side.
     """
+    from kidneyscan.data.splits import make_split
+
     if not 0.0 < test_fraction < 1.0:
         raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
-    try:
-        from kidneyscan.data.splits import make_split
-    except ImportError:
-        make_split = None
-    if make_split is not None:
-        parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
-        return list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
-    from sklearn.model_selection import train_test_split
-
-    log.warning("kidneyscan.data.splits not available: stratified split without grouping")
-    train, test = train_test_split(
-        list(samples),
-        test_size=test_fraction,
-        random_state=seed,
-        stratify=[s.label for s in samples],
-    )
-    return list(train), list(test)
+    parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
+    pool, test = list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
+    return pool, test, parts
 
 
 def prepare_run(
@@ -60,23 +48,43 @@ def prepare_run(
     alpha: float = 0.5,
     min_samples: int = 2,
     test_fraction: float = 0.2,
+    local_val_fraction: float = 0.15,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write ``partitions.csv`` (clients' training rows) and ``test.csv`` (server) to ``out_dir``.
 
+    Also writes ``split.csv`` in the project's split format: ``train`` / ``val`` (the sites'
+    local hold-outs for ``local_val_fraction`` and ``seed``, as the ClientApps draw them) /
+    ``test``.
+
     Returns
     -------
     dict
-        Run-config entries to pass on: ``partition-file``, ``test-file``, ``num-clients``,
+        Run-config entries to pass on: ``partition-file``, ``test-file``, ``split-file``,
+        ``num-clients``,
         plus ``summary`` (per-client counts) for display.
     """
     from kidneyscan.data.partition import partition_samples, partition_summary, save_partitions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pool, test = split_test(samples, test_fraction, seed)
+    from kidneyscan.data.splits import Split, save_split
+
+    pool, test, split = split_test(samples, test_fraction, seed)
     parts = partition_samples(
         pool, num_clients, scheme=partitioning, alpha=alpha, min_samples=min_samples, seed=seed
+    )
+    # The standard split CSV (train / val = the sites' local hold-outs / test), so
+    # `kidneyscan evaluate --split` scores the same test images.
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for part in parts:
+        t, v = task.split_local(part, local_val_fraction, seed)
+        train += t
+        val += v
+    save_split(
+        Split({"train": train, "val": val, "test": test}, split.groups, split.info),
+        out / "split.csv",
     )
     part_file = save_partitions(parts, out / "partitions.csv")
     test_file = save_partitions([test], out / "test.csv")
@@ -85,6 +93,7 @@ def prepare_run(
     return {
         "partition-file": str(part_file.resolve()),
         "test-file": str(test_file.resolve()),
+        "split-file": str((out / "split.csv").resolve()),
         "num-clients": num_clients,
         "summary": summary,
         "n_test": len(test),
@@ -168,3 +177,74 @@ def simulate(
         )
     result: dict[str, Any] = json.loads(summary_file.read_text())
     return result
+
+
+#: The demo's small hybrid (same as the centralized demo): convnext_atto backbone, one encoder
+#: block of 128-d tokens; 80 % of the backbone frozen, so only ~2 M tensors travel.
+DEMO_MODEL_KWARGS = {"backbone": "convnext_atto", "embed_dim": 128, "depth": 1, "num_heads": 8}
+
+
+def demo_federated(
+    out_dir: str | Path,
+    *,
+    n: int = 300,
+    image_size: int = 64,
+    rounds: int = 5,
+    local_epochs: int = 2,
+    sites: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Phantom hospitals -> federated hybrid training (FedAvg) -> metrics, report, checkpoint.
+
+    The phantom goes to ``<out_dir>/data`` (one scanner profile per hospital, reused when
+    already there with the same settings); each hospital is one site (``site`` partitioning:
+    scanner shift between hospitals). The selected global model is written to
+    ``<out_dir>/checkpoint``, the report to ``<out_dir>/report.md``.
+
+    Returns
+    -------
+    dict
+        The ``federation.json`` summary.
+    """
+    from kidneyscan.data.datasets import scan_dataset
+    from kidneyscan.data.phantom import generate_dataset
+
+    out = Path(out_dir)
+    data = out / "data"
+    stamp = data / ".demo.json"
+    want = {"n": n, "seed": seed, "sites": sites, "image_size": max(64, image_size)}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+        generate_dataset(
+            data, n, seed=seed, sites=sites, image_size=want["image_size"], progress=True
+        )
+        stamp.write_text(json.dumps(want))
+    prepared = prepare_run(
+        scan_dataset(data),
+        out,
+        num_clients=sites,
+        partitioning="site",
+        min_samples=8,
+        test_fraction=0.2,
+        local_val_fraction=0.15,
+        seed=seed,
+    )
+    config = {
+        "strategy": "fedavg",
+        "partitioning": "site",
+        "num-server-rounds": rounds,
+        "local-epochs": local_epochs,
+        "min-clients": sites,
+        "model": "hybrid",
+        "model-kwargs": json.dumps(DEMO_MODEL_KWARGS),
+        "image-size": image_size,
+        "batch-size": 32,
+        "lr": 2e-3,
+        "local-val-fraction": 0.15,
+        "seed": seed,
+        "out-dir": str(out),
+        "partition-file": prepared["partition-file"],
+        "test-file": prepared["test-file"],
+        "split-file": prepared["split-file"],
+        "num-clients": sites,
+    }
+    return simulate(config, num_clients=sites)

@@ -136,6 +136,11 @@ def make_client_app(overrides: Mapping[str, Any] | None = None):
         if pid == int(config["fail-partition"]):
             raise RuntimeError(f"fault drill: partition {pid} fails during training")
         if pid == int(config["slow-partition"]):
+            if config["out-dir"]:
+                # Lets a fault drill know the slow node is mid-round before it strikes.
+                marker = Path(str(config["out-dir"])) / f"partition-{pid}.training"
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
             time.sleep(float(config["slow-seconds"]))
         x, labels = synthetic_partition(pid, seed=int(config["seed"]))
         arrays: ArrayRecord = msg.content.array_records["arrays"]

@@ -62,6 +62,8 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "seed": 0,
     "partition-file": "",
     "test-file": "",
+    "test-dir": "",
+    "split-file": "",
     "out-dir": "runs/federated",
     "resume": False,
     "round-timeout": 3600.0,
@@ -154,6 +156,8 @@ def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``{"name", "kwargs"}`` entry stored in checkpoint metadata."""
     kwargs = dict(json.loads(cfg["model-kwargs"]))
     kwargs.setdefault("in_chans", int(cfg["in-chans"]))
+    if cfg["model"] == "hybrid":  # its positional embedding is sized for the input
+        kwargs.setdefault("image_size", int(cfg["image-size"]))
     return {"name": str(cfg["model"]), "kwargs": kwargs}
 
 
@@ -183,12 +187,8 @@ def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
 
 def trainable_keys(model: nn.Module) -> list[str]:
     """Names of the state-dict entries that are trained, hence exchanged, in this order."""
-    try:
-        from kidneyscan.models.factory import (  # type: ignore[attr-defined]
-            trainable_state_keys,
-        )
-    except ImportError:  # older factory: fall back to the parameters that require grad
-        return [n for n, p in model.named_parameters() if p.requires_grad]
+    from kidneyscan.models.factory import trainable_state_keys
+
     return list(trainable_state_keys(model))
 
 
@@ -342,7 +342,8 @@ def train_local(
         params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
-    global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else None
+    # The engine's proximal term wants every parameter (frozen ones included), in order.
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     model.train()
     stats: dict[str, float] = {}
     for _ in range(int(cfg["local-epochs"])):

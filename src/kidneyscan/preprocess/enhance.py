@@ -164,10 +164,10 @@ def match_histogram(image: np.ndarray, *, reference: np.ndarray | Sequence[float
         raise ValueError("reference must be a 2-D image or a non-decreasing list of quantiles")
     if ref.min() < 0 or ref.max() > 1:
         raise ValueError("reference quantiles must lie in [0, 1]")
-    # Same mapping as skimage.match_histograms: source quantile -> reference value at that
-    # quantile; ranks of equal pixels are shared so flat regions stay flat.
+    # Same mapping as skimage.match_histograms: each unique source value's cumulative
+    # quantile -> the reference value at that quantile (equal pixels stay equal).
     values, inverse, counts = np.unique(img.ravel(), return_inverse=True, return_counts=True)
-    src_q = (np.cumsum(counts) - 0.5 * counts) / img.size
+    src_q = np.cumsum(counts) / img.size
     mapped = np.interp(src_q, np.linspace(0.0, 1.0, ref.size), ref)
     return mapped[inverse].reshape(img.shape).astype(np.float32)
 
