@@ -46,16 +46,16 @@ def plot(path: Path) -> Path | None:
         width = 0.8 / max(1, len(data))
         for i, (model, r) in enumerate(data.items()):
             variants = list(r["timings"][batch])
-            vals = [r["timings"][batch][v]["images_per_s"] for v in variants]
+            vals = [r["timings"][batch][v]["images_per_cpu_s"] for v in variants]
             xs = [j + i * width for j in range(len(variants))]
             bars = ax.bar(xs, vals, width, label=model)
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
             ax.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(variants))])
             ax.set_xticklabels(variants, fontsize=8)
         ax.set_title(f"batch {batch}, 224 px")
-        ax.set_ylabel("images/s (median)")
+        ax.set_ylabel("images per CPU-second (1 thread)")
         ax.legend(fontsize=8)
-    fig.suptitle("CPU inference throughput (shared 2-core machine)")
+    fig.suptitle("CPU inference throughput, 1 thread (median; shared machine)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

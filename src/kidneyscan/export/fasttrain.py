@@ -89,14 +89,15 @@ class FrozenSplit(nn.Module):
 
     def rest(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits from frozen-prefix features: trainable backbone part, encoder, head."""
-        m: Any = self.model
         fmap = self.suffix(feats)
-        _, _, h, w = fmap.shape
-        t = fmap.flatten(2).transpose(1, 2)
-        t = m.pos_drop(m.proj(m.token_norm(t)) + m._pos_embed_for(h, w))
-        for blk in m.blocks:
-            t = blk(t)
-        out: torch.Tensor = m.forward_head(m.norm(t))
+        m: Any = self.model
+        # Run the hybrid's own forward with its feature map supplied, so that whatever it does
+        # after the backbone (tokens, position embeddings, encoder, head) stays in one place.
+        m.feature_map = lambda _x: fmap
+        try:
+            out: torch.Tensor = m(feats)
+        finally:
+            del m.feature_map
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
