@@ -1,9 +1,12 @@
 """Side-by-side figure: real CT-KIDNEY slices next to phantom slices, plus grey-level statistics.
 
 The figure contains real images, so it is written to ``benchmarks/out/`` (git-ignored) and
-never committed. Usage::
+never committed. ``--phantom-only`` instead writes a phantom-only montage (one row per class,
+with the lesion outlined in red in a second copy) to ``benchmarks/results/phantom_montage.png``,
+which may be committed. Usage::
 
     python benchmarks/phantom_compare.py [--real ../shared/data/ct-kidney] [--seed 0]
+    python benchmarks/phantom_compare.py --phantom-only
 """
 
 from __future__ import annotations
@@ -36,6 +39,31 @@ def _stats(images: list[np.ndarray]) -> dict[str, float]:
     }
 
 
+def phantom_montage(seed: int, path: Path, tile: int = 192, per_class: int = 4) -> None:
+    """Rows = classes; each slice twice: as rendered, then with the lesion mask outlined."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    sites = make_sites(3, seed)
+    rows = []
+    for c in CLASSES:
+        row = []
+        for k in range(per_class):
+            sl = render_slice(rng, c, sites[k % len(sites)], image_size=512)
+            u8 = (np.clip(sl.image, 0, 1) * 255).astype(np.uint8)
+            rgb = np.repeat(u8[..., None], 3, axis=2)
+            edge = sl.masks["lesion"] & ~ndimage.binary_erosion(sl.masks["lesion"])
+            edge = ndimage.binary_dilation(edge, iterations=2)
+            outlined = rgb.copy()
+            outlined[edge] = (255, 40, 40)
+            for img in (rgb, outlined):
+                row.append(np.asarray(Image.fromarray(img).resize((tile, tile), Image.BILINEAR)))
+        rows.append(np.hstack(row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.vstack(rows)).save(path, optimize=True)
+    print(f"{path}: rows {', '.join(CLASSES)}; pairs of (slice, lesion outlined)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default_real = os.environ.get("KIDNEYSCAN_REAL_DATA", REPO.parent / "shared/data/ct-kidney")
@@ -43,7 +71,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks/out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--per-class", type=int, default=2)
+    ap.add_argument("--phantom-only", action="store_true", help="montage without real images")
     args = ap.parse_args()
+    if args.phantom_only:
+        phantom_montage(args.seed, REPO / "benchmarks/results/phantom_montage.png")
+        return
 
     rng = np.random.default_rng(args.seed)
     samples = scan_dataset(args.real)

@@ -8,7 +8,20 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = Path(os.environ.get("KIDNEYSCAN_REAL_DATA", REPO.parent / "shared/data/ct-kidney"))
+
+
+def _find_real_data() -> Path:
+    """``../shared/data/ct-kidney`` beside the checkout (or beside a parent, for worktrees)."""
+    if "KIDNEYSCAN_REAL_DATA" in os.environ:
+        return Path(os.environ["KIDNEYSCAN_REAL_DATA"])
+    for parent in REPO.parents:
+        candidate = parent / "shared/data/ct-kidney"
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared/data/ct-kidney"
+
+
+REAL_DATA = _find_real_data()
 
 
 @pytest.fixture(scope="session")

@@ -227,3 +227,25 @@ def test_real_ct_kidney_sample_is_read_through_its_csv(real_data: Path) -> None:
     assert all(s.index is not None for s in samples)
     assert image.shape == (512, 512) and image.dtype == np.float32
     assert 0.0 <= image.min() < image.max() <= 1.0
+
+
+def test_csv_paths_match_class_folders_of_other_case_and_dicom_files_load(tmp_path: Path) -> None:
+    # Prepare: folder written as CYST/ while the csv says Cyst/...; a DICOM slice in Normal/
+    from kidneyscan.data import dicom
+
+    _write_jpeg(tmp_path / "CYST" / "Cyst- (1).jpg", 100)
+    ds = dicom.make_ct_dataset(np.full((16, 16), 40.0))  # 40 HU: mid-grey in the abdomen window
+    (tmp_path / "Normal").mkdir()
+    ds.save_as(tmp_path / "Normal" / "Normal- (2).dcm", enforce_file_format=True)
+    _write_csv(
+        tmp_path,
+        [
+            ("Cyst- (1)", "Cyst/Cyst- (1).jpg", "Cyst"),
+            ("Normal- (2)", "Normal/Normal- (2).dcm", "Normal"),
+        ],
+    )
+    # Execute
+    samples = scan_dataset(tmp_path, verify=True)
+    # Assert
+    assert samples[0].path == tmp_path / "CYST" / "Cyst- (1).jpg"
+    np.testing.assert_allclose(load_image(samples[1].path), 0.5, atol=1e-6)

@@ -295,3 +295,34 @@ def test_deidentify_removes_phi_everywhere_and_keeps_series_together() -> None:
     assert cleaned[0].SeriesInstanceUID == cleaned[1].SeriesInstanceUID != series
     image, _ = dicom.load_dicom_bytes(raw[0])  # still a valid, readable CT slice
     assert image.shape == (16, 16)
+
+
+def test_invalid_patient_values_are_not_echoed_to_warnings_logs_or_errors(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: patient attributes whose values break their VR rules. pydicom quotes such values
+    # in conversion errors (DS) and validation warnings; a valid placeholder is swapped for the
+    # bad bytes after writing, because pydicom refuses to create the bad value itself.
+    import warnings
+
+    ds = dicom.make_ct_dataset(_hu_ramp())
+    ds.PatientWeight = "12345678"
+    ds.PatientName = "A" * 70 + "SECRETNAME"  # longer than PN allows
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = dicom.dataset_to_bytes(ds).replace(b"12345678", b"SECRET-W")
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    # Strict reading (as another part of a process may set) turns a bad DS into a ValueError
+    # quoting the value: the reader must not convert patient attributes at all.
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode", pydicom.config.RAISE)
+    # Execute
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image, meta = dicom.load_dicom_bytes(data)
+        cleaned = dicom.dataset_to_bytes(dicom.deidentify(dicom.read_dicom(data)))
+    # Assert
+    echoed = caplog.text + " ".join(str(w.message) for w in caught) + json.dumps(meta)
+    assert "SECRET" not in echoed
+    assert b"SECRET" not in cleaned
+    assert image.shape == (64, 64)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from scipy import ndimage
 
 from kidneyscan.data import phantom as ph
@@ -64,6 +65,13 @@ def test_layout_csv_columns_and_loading(phantom_dir: Path) -> None:
     counts = {c: sum(r["Class"] == c for r in rows) for c in CLASSES}
     assert counts == {c: 12 for c in CLASSES}
     assert {m["site"] for m in meta} == {"site0", "site1", "site2"}
+    for r in rows:  # masks are binary PNGs that agree with the class
+        masks = {
+            k: np.asarray(Image.open(phantom_dir / "masks" / f"{r['image_id']}_{k}.png")) > 0
+            for k in ("body", "kidney", "lesion")
+        }
+        assert masks["body"].shape == (64, 64) and masks["body"][masks["kidney"]].all()
+        assert masks["lesion"].any() == (r["Class"] != "Normal"), r["image_id"]
     img = load_image(phantom_dir / rows[0]["path"])
     assert img.shape == (64, 64) and img.dtype == np.float32
     assert img.min() >= 0.0 and img.max() <= 1.0 and img.std() > 0.05
@@ -82,6 +90,23 @@ def test_patients_give_neighbouring_slices_with_consecutive_indices(phantom_dir:
         levels = [float(m["slice_level"]) for m in slices]
         assert levels == sorted(levels) and levels[-1] - levels[0] < 0.2
         assert len({m["Class"] for m in slices} | {m["site"] for m in slices}) == 2
+
+
+def test_file_numbers_jump_between_series_never_within_a_patient(tmp_path: Path) -> None:
+    ph.generate_dataset(tmp_path, 200, seed=5, sites=2, image_size=32)
+    meta = _read_csv(tmp_path / "phantom_metadata.csv")
+    jumps = 0
+    for c in CLASSES:
+        rows = [m for m in meta if m["Class"] == c]
+        idx = [int(m["image_id"].split("(")[1].rstrip(")")) for m in rows]
+        assert idx[0] == 1 and idx == sorted(idx)
+        for prev, cur, a, b in zip(idx, idx[1:], rows, rows[1:], strict=False):
+            if a["patient_id"] == b["patient_id"]:
+                assert cur == prev + 1
+            elif cur > prev + 1:
+                jumps += 1
+                assert 20 < cur - prev <= 200
+    assert jumps >= 2  # index blocks exist, as in the real sample
 
 
 @pytest.mark.parametrize("class_name", CLASSES)
@@ -104,12 +129,40 @@ def test_masks_and_lesion_hu_are_consistent(class_name: str) -> None:
         assert (lesion & near).any(), "lesion must touch a kidney"
         values = sl.clean_hu[lesion]
         if class_name == "Stone":
-            assert values.min() >= 200 and values.max() <= 1500
+            # material 200-1500 HU; pixels mix it with the background (partial volume)
+            assert 200 <= sl.meta["lesion_hu"] <= 1500
+            assert values.max() <= 1500 and values.min() >= -150
             assert 1.0 <= sl.meta["lesion_size_mm"] <= 20.0
-        elif class_name == "Cyst":
-            assert values.min() >= 0 and values.max() <= 20 and values.std() < 1e-3
+            # at full resolution (0.74 mm pixels) a stone of >= 2 mm fills its centre pixel
+            full = ph.render_slice(np.random.default_rng(i), class_name, site, image_size=512)
+            if full.meta["lesion_size_mm"] >= 2.0:
+                assert full.clean_hu[full.masks["lesion"]].max() >= 150.0
+        elif class_name == "Cyst":  # homogeneous inside; edge pixels share partial volume
+            inner = ndimage.binary_erosion(lesion)
+            assert inner.any() or sl.meta["lesion_size_mm"] < 4 * sl.meta["pixel_mm"]
+            if inner.any():
+                cyst = sl.clean_hu[inner]
+                assert cyst.min() >= 0 and cyst.max() <= 20 and cyst.std() < 1e-3
         else:  # tumor: solid, heterogeneous
             assert 10 <= values.mean() <= 200 and values.std() > 2
+
+
+def test_small_stone_gets_partial_volume_large_stone_full_hu() -> None:
+    # Prepare: the same 3 mm stone rendered at 512 px (0.74 mm pixels) and 64 px (6 mm)
+    canvas = {n: ph._Canvas(n, 380.0) for n in (512, 64)}
+    peaks = {}
+    for n, cv in canvas.items():
+        cv.hu[:] = 0.0
+        mask = np.zeros((n, n), np.uint8)
+        # Execute
+        ph._draw_stone(cv, 10.0, -5.0, 1.5, 1000.0, mask)
+        peaks[n] = float(cv.hu.max())
+        # Assert: the stone's HU x area is conserved (to the sub-sampling error)
+        area_mm2 = float(cv.hu.sum()) / 1000.0 * cv.px_mm**2
+        assert area_mm2 == pytest.approx(np.pi * 1.5**2, rel=0.2)
+        assert mask.any()
+    assert peaks[512] == pytest.approx(1000.0)
+    assert 100.0 < peaks[64] < 500.0
 
 
 def test_sites_differ_and_noise_follows_the_site() -> None:
@@ -142,6 +195,17 @@ def test_confounders_in_every_class_and_contrast_not_tied_to_class(tmp_path: Pat
     assert max(enhanced_rate.values()) - min(enhanced_rate.values()) < 0.15, enhanced_rate
 
 
+def test_slice_level_and_width_are_stratified_per_site_and_class() -> None:
+    # slice level (a strong grey-level driver) and patient width must not drift by class
+    plan = ph._plan(400, seed=0, sites=ph.make_sites(3, seed=0))
+    for jobs in plan.values():
+        for site in range(3):
+            cell = [j for j in jobs if j.site == site]
+            for attr in ("level_u", "width_u"):
+                u = np.array([getattr(j, attr) for j in cell])
+                assert sorted(np.floor(u * len(cell)).astype(int)) == list(range(len(cell)))
+
+
 def test_site_class_mix_differs_but_total_is_balanced() -> None:
     sites = ph.make_sites(3, seed=0)
     counts = ph._balanced_counts(400, sites)
@@ -162,6 +226,30 @@ def test_render_slice_rejects_bad_arguments(kwargs: dict, message: str) -> None:
     args = {"class_name": "Cyst", "image_size": 64, **kwargs}
     with pytest.raises(ValueError, match=message):
         ph.render_slice(np.random.default_rng(0), site=ph.SiteProfile(), **args)
+
+
+def test_rerun_into_same_folder_leaves_no_stale_images(tmp_path: Path) -> None:
+    ph.generate_dataset(tmp_path, 12, seed=0, image_size=64)
+    ph.generate_dataset(tmp_path, 8, seed=1, image_size=64)
+    assert len(scan_dataset(tmp_path)) == 8
+    assert len(list(tmp_path.glob("*/*.jpg"))) == 8
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 24
+    assert len(list((tmp_path / "clean").glob("*.png"))) == 8
+    # a tampered metadata csv cannot make a rerun delete files outside the folder
+    outside = tmp_path.parent / f"{tmp_path.name}-keep.txt"
+    outside.write_text("keep")
+    with (tmp_path / "phantom_metadata.csv").open("a") as fh:
+        fh.write(f"x,{outside},Cyst\n")
+    ph.generate_dataset(tmp_path, 4, seed=2, image_size=64)
+    assert outside.read_text() == "keep"
+
+
+def test_refuses_to_mix_with_foreign_images(tmp_path: Path) -> None:
+    (tmp_path / "Cyst").mkdir()
+    (tmp_path / "Cyst" / "real.jpg").write_bytes(b"not ours")
+    with pytest.raises(ValueError, match="not from a phantom run"):
+        ph.generate_dataset(tmp_path, 4, image_size=64)
+    assert (tmp_path / "Cyst" / "real.jpg").read_bytes() == b"not ours"
 
 
 def test_generate_dataset_and_site_profile_reject_bad_input(tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ class TrainConfig:
         Augment the training split (flips, rotation, scaling, noise, brightness/contrast).
     smote_epochs
         Epochs of head-only training on the SMOTE-resampled embeddings.
+    cache_images
+        Keep preprocessed images in memory between epochs (faster; RAM = N * S * S * 4 bytes).
     """
 
     epochs: int = 10
@@ -91,6 +93,7 @@ class TrainConfig:
     channels_last: bool = False
     augment: bool = True
     smote_epochs: int = 30
+    cache_images: bool = False
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

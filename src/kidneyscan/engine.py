@@ -165,7 +165,8 @@ def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | No
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    # The outer (epoch) bar stays; inner (batch) bars vanish when done.
+    return tqdm(iterable, desc=desc, total=total, leave=desc == "epochs", dynamic_ncols=True)
 
 
 def train_one_epoch(
@@ -446,6 +447,7 @@ def fit(
             scheduler=scheduler,
             bf16=cfg.bf16,
             channels_last=cfg.channels_last,
+            progress=progress,
         )
         va = evaluate(model, val_loader, num_classes=k, bf16=cfg.bf16)
         row = {
@@ -522,7 +524,8 @@ def embeddings(
     try:
         for x, y in loader:
             with _autocast(bf16, device):
-                f = model.forward_head(model.forward_features(x.to(device)), pre_logits=True)
+                feat = model.forward_features(x.to(device))  # type: ignore[operator]
+                f = model.forward_head(feat, pre_logits=True)  # type: ignore[operator]
             feats.append(f.float().flatten(1).cpu())
             labels.append(torch.as_tensor(y))
     finally:

@@ -16,16 +16,24 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from struct import error as struct_error
 from typing import Any
 
 import numpy as np
+from pydicom import config as _pydicom_config
 
 from kidneyscan.data.datasets import DataError
 
 log = logging.getLogger(__name__)
+
+# pydicom's reading validation reports invalid values *with the value* (a malformed birth date
+# or an over-long patient ID) to warnings and to the "pydicom" logger, which would put patient
+# data into service logs. Values are never trusted here anyway, so reading validation is off
+# for the process (writing validation, used only when building test files, is untouched).
+_pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
 
 #: Named display windows as ``(width, level)`` in HU.
 #: ``abdomen`` is the soft-tissue window the public CT-KIDNEY JPEGs are shown in; ``bone`` the
@@ -214,18 +222,54 @@ def apply_window(
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
 
 
+def _element_vr(elem: Any) -> str | None:
+    """VR of a raw or converted element without converting its value."""
+    from pydicom.datadict import dictionary_VR
+
+    if elem.VR:
+        return str(elem.VR)
+    try:  # implicit VR: the dictionary knows standard tags; unknown/private ones stay opaque
+        return str(dictionary_VR(elem.tag))
+    except KeyError:
+        return None
+
+
+def _sequences(ds: Any) -> Iterator[Any]:
+    """The sequence elements of ``ds`` (one level), converting nothing else.
+
+    Iterating a dataset converts every value, and pydicom's conversion errors and warnings
+    quote the value, which for patient attributes is patient data: only sequences are touched.
+    """
+    for raw in ds.elements():
+        if _element_vr(raw) == "SQ":
+            yield ds[raw.tag]
+
+
 def _check_depth(ds: Any, source: str, limit: int, depth: int = 0) -> None:
     """Raise when sequences nest deeper than ``limit``.
 
     pydicom parses sequence items lazily, so walking level by level and stopping at the limit
     never parses (or recurses into) the excess levels of a hostile file.
     """
-    for elem in ds:
-        if elem.VR == "SQ":
-            if depth + 1 > limit:
-                raise DataError(f"{source}: sequences nested deeper than {limit} levels")
-            for item in elem.value:
-                _check_depth(item, source, limit, depth + 1)
+    for elem in _sequences(ds):
+        if depth + 1 > limit:
+            raise DataError(f"{source}: sequences nested deeper than {limit} levels")
+        for item in elem.value:
+            _check_depth(item, source, limit, depth + 1)
+
+
+def _safe_reason(exc: BaseException) -> str:
+    """Exception text that cannot carry attribute values.
+
+    pydicom's own parsing messages (missing preamble, bad lengths, decoder failures) describe
+    structure; conversion errors (``ValueError: could not convert string to float: '...'``)
+    quote the value, so for those only the type is kept.
+    """
+    from pydicom.errors import InvalidDicomError
+
+    if isinstance(exc, InvalidDicomError | EOFError | struct_error):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__
 
 
 def _dcmread(fh: io.BufferedIOBase | io.BytesIO, *, stop_before_pixels: bool, source: str) -> Any:
@@ -237,11 +281,11 @@ def _dcmread(fh: io.BufferedIOBase | io.BytesIO, *, stop_before_pixels: bool, so
     except InvalidDicomError as exc:
         raise DataError(f"{source}: not a DICOM file ({exc})") from exc
     except (EOFError, OSError) as exc:
-        raise DataError(f"{source}: truncated or unreadable DICOM ({exc})") from exc
+        raise DataError(f"{source}: truncated or unreadable DICOM ({_safe_reason(exc)})") from exc
     except RecursionError as exc:
         raise DataError(f"{source}: sequences nested too deeply to parse") from exc
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on malformed input
-        raise DataError(f"{source}: malformed DICOM ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{source}: malformed DICOM ({_safe_reason(exc)})") from exc
 
 
 def _check_header(ds: Any, source: str, *, require_ct: bool, max_pixels: int, depth: int) -> None:
@@ -252,7 +296,16 @@ def _check_header(ds: Any, source: str, *, require_ct: bool, max_pixels: int, de
     except DataError:
         raise
     except Exception as exc:  # noqa: BLE001 - malformed sequence items
-        raise DataError(f"{source}: malformed sequence ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{source}: malformed sequence ({_safe_reason(exc)})") from exc
+    try:
+        _check_image_header(ds, source, require_ct=require_ct, max_pixels=max_pixels)
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - unconvertible image attributes
+        raise DataError(f"{source}: malformed image attributes ({_safe_reason(exc)})") from exc
+
+
+def _check_image_header(ds: Any, source: str, *, require_ct: bool, max_pixels: int) -> None:
     modality = str(ds.get("Modality", "")).upper()
     if require_ct and modality != "CT":
         shown = modality or "missing"
@@ -349,6 +402,7 @@ def read_dicom(
     try:
         arr = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - decoders raise many types for bad data
+        # Decoder messages describe lengths and syntaxes, never attribute values.
         raise DataError(
             f"{name}: pixel data truncated or undecodable ({type(exc).__name__}: {exc})"
         ) from exc
@@ -389,24 +443,23 @@ def safe_metadata(ds: Any, window: Window) -> dict[str, Any]:
     Built from an allow-list, so no patient, institution or date attribute can slip through.
     """
 
-    def floats(v: Any) -> list[float] | None:
+    def number(keyword: str) -> Any:
         try:
-            return [float(x) for x in v]
-        except (TypeError, ValueError):
+            value = ds.get(keyword)
+            if value is None or value == "":
+                return None
+            if keyword == "PixelSpacing":
+                return [float(x) for x in value]
+            return float(value)
+        except (TypeError, ValueError):  # a malformed value is left out, never quoted
             return None
 
-    thickness = ds.get("SliceThickness")
-    try:
-        thickness_mm = float(thickness) if thickness not in (None, "") else None
-    except (TypeError, ValueError):
-        thickness_mm = None
-    spacing = ds.get("PixelSpacing")
     return {
         "modality": str(ds.get("Modality", "")),
         "rows": int(ds.Rows),
         "cols": int(ds.Columns),
-        "pixel_spacing_mm": floats(spacing) if spacing is not None else None,
-        "slice_thickness_mm": thickness_mm,
+        "pixel_spacing_mm": number("PixelSpacing"),
+        "slice_thickness_mm": number("SliceThickness"),
         "window": window.as_dict(),
     }
 
@@ -538,16 +591,18 @@ def deidentify(ds: Any, *, salt: str = "kidneyscan") -> Any:
     phi = set(PHI_KEYWORDS)
 
     def scrub(d: Any) -> None:
-        for keyword in list(phi):
+        # Deleting by keyword and walking only sequences never converts (or quotes) a value.
+        for keyword in phi:
             if keyword in d:
                 delattr(d, keyword)
-        for elem in list(d):
-            if elem.VR == "SQ":
-                for item in elem.value:
-                    scrub(item)
+        # keys(), not iteration: iterating a Dataset yields converted elements
+        for tag in [t for t in d.keys() if t.is_private]:  # noqa: SIM118
+            del d[tag]
+        for elem in list(_sequences(d)):
+            for item in elem.value:
+                scrub(item)
 
     scrub(ds)
-    ds.remove_private_tags()
     for keyword in UID_KEYWORDS:
         if keyword in ds:
             new = generate_uid(entropy_srcs=[salt, str(ds.data_element(keyword).value)])

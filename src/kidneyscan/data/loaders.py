@@ -32,6 +32,10 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         The run's preprocessing.
     transform
         Optional augmentation applied to the resized (1, S, S) image in [0, 1].
+    cache
+        Keep each preprocessed (S, S) image in memory after its first load, so later epochs
+        skip decoding and the DIP steps (S * S * 4 bytes per image; augmentation still runs
+        every time).
     """
 
     def __init__(
@@ -39,17 +43,24 @@ class ImageDataset(Dataset[tuple[torch.Tensor, int]]):
         samples: Sequence[Sample],
         preprocessor: Preprocessor,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        cache: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.preprocessor = preprocessor
         self.transform = transform
+        self._cache: dict[int, np.ndarray] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         s = self.samples[i]
-        img = self.preprocessor.image(load_image(s.path))
+        if self._cache is not None and i in self._cache:
+            img = self._cache[i]
+        else:
+            img = self.preprocessor.image(load_image(s.path))
+            if self._cache is not None:
+                self._cache[i] = img
         if self.transform is not None:
             t = self.transform(torch.from_numpy(img)[None])
             img = t[0].numpy()
@@ -86,6 +97,7 @@ def make_loader(
     seed: int = 0,
     num_workers: int = 0,
     num_classes: int | None = None,
+    cache: bool = False,
 ) -> DataLoader:
     """Build a DataLoader yielding ``(x float32 (B, C, S, S), y int64 (B,))``.
 
@@ -109,6 +121,9 @@ def make_loader(
         DataLoader worker processes.
     num_classes
         Number of classes for balanced sampling (default: largest label + 1).
+    cache
+        Keep preprocessed images in memory (see :class:`ImageDataset`); with worker processes
+        each worker holds its own cache.
 
     Raises
     ------
@@ -124,7 +139,7 @@ def make_loader(
         from kidneyscan.data.augment import build_augmentation
 
         transform = build_augmentation()
-    ds = ImageDataset(samples, preprocessor, transform)
+    ds = ImageDataset(samples, preprocessor, transform, cache=cache)
     gen = torch.Generator().manual_seed(int(seed))
     sampler = None
     shuffle = train
@@ -134,7 +149,7 @@ def make_loader(
         counts = np.bincount(labels, minlength=k).astype(np.float64)
         weights = 1.0 / counts[labels]
         sampler = WeightedRandomSampler(
-            torch.as_tensor(weights, dtype=torch.double),
+            weights.tolist(),
             num_samples=len(ds),
             replacement=True,
             generator=gen,

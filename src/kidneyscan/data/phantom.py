@@ -27,6 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 
 #: Class names in the order of the CT-KIDNEY ``target`` codes; equal to
 #: ``kidneyscan.data.datasets.CLASSES`` (checked by the tests).
@@ -64,6 +65,8 @@ METADATA_COLUMNS: tuple[str, ...] = (
 )
 
 _PHASES = ("none", "arterial", "portal")
+#: Chance that the file numbering jumps (by 20-200) before a patient, as between scan series.
+SERIES_BREAK_PROB = 0.1
 _SHIFT = 4  # fixed-point bits for OpenCV drawing: sub-pixel accurate outlines at 64 px
 _SCALE = float(1 << _SHIFT)
 
@@ -104,7 +107,7 @@ class SiteProfile:
     contrast_prob: float = 0.5
     arterial_fraction: float = 0.4
     contrast_scale: float = 1.0
-    bowel_contrast_prob: float = 0.25
+    bowel_contrast_prob: float = 0.15
     class_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     patient_width_mm: tuple[float, float] = (240.0, 340.0)
     fov_mm: float = 380.0
@@ -173,7 +176,7 @@ def make_sites(n_sites: int = 1, seed: int = 0) -> list[SiteProfile]:
                 contrast_prob=round(float(contrast[i]), 3),
                 arterial_fraction=round(float(rng.uniform(0.25, 0.6)), 3),
                 contrast_scale=round(float(scale[i]), 3),
-                bowel_contrast_prob=round(float(rng.uniform(0.1, 0.4)), 3),
+                bowel_contrast_prob=round(float(rng.uniform(0.05, 0.3)), 3),
                 class_weights=tuple(round(float(w), 4) for w in weights),  # type: ignore[arg-type]
                 patient_width_mm=(
                     round(float(width_lo[i]), 1),
@@ -261,6 +264,7 @@ class _Patient:
     liver_scale: float
     bowel: list[tuple[float, float, float, float, float, str]]  # x, y, r, aspect, angle, content
     fat_hu: float
+    gallbladder: bool
     cancellous_hu: float
     bowel_contrast: bool
     phleboliths: list[tuple[float, float, float, float]]  # x, y, r, HU
@@ -285,10 +289,14 @@ def _sample_phase(rng: np.random.Generator, site: SiteProfile) -> str:
 
 
 def _sample_patient(
-    rng: np.random.Generator, class_name: str, site: SiteProfile, level: float
+    rng: np.random.Generator,
+    class_name: str,
+    site: SiteProfile,
+    level: float,
+    width_u: float | None = None,
 ) -> _Patient:
     lo, hi = site.patient_width_mm
-    width = float(rng.uniform(lo, hi))
+    width = lo + (hi - lo) * (float(rng.random()) if width_u is None else width_u)
     height = width * float(rng.uniform(0.66, 0.8))
     # larger patients carry more subcutaneous fat
     fat = float(np.clip(rng.normal(8 + 0.12 * (width - 240), 5), 4, 45))
@@ -304,7 +312,7 @@ def _sample_patient(
         y = cy + float(rng.uniform(-0.42, 0.08)) * height
         r = float(rng.uniform(7, 16))
         content = str(rng.choice(["gas", "fluid", "feces", "wall"], p=[0.25, 0.3, 0.2, 0.25]))
-        if bowel_contrast and rng.random() < 0.6:
+        if bowel_contrast and rng.random() < 0.4:
             content = "contrast"
         bowel.append((x, y, r, float(rng.uniform(0.55, 1.0)), float(rng.uniform(0, 180)), content))
     for s in (-1.0, 1.0):
@@ -338,8 +346,9 @@ def _sample_patient(
         spine_y=spine_y,
         liver_scale=float(rng.uniform(0.8, 1.15)),
         bowel=bowel,
-        fat_hu=float(rng.uniform(-135, -105)),
-        cancellous_hu=float(rng.uniform(140, 280)),  # lower in osteopenic patients
+        fat_hu=float(rng.uniform(-145, -115)),  # real CT-KIDNEY fat peaks near -130 HU
+        gallbladder=bool(rng.random() < 0.6),
+        cancellous_hu=float(rng.uniform(120, 240)),  # lower in osteopenic patients
         bowel_contrast=bowel_contrast,
         phleboliths=phleb,
         aortic_calc=calc,
@@ -475,12 +484,6 @@ def _shape(
     return np.stack([cx + ca * x - sa * y, cy + sa * x + ca * y], axis=1)
 
 
-def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Zero-mean, unit-ish low-frequency random field of shape (size, size), float32."""
-    small = rng.standard_normal((cells, cells), dtype=np.float32)
-    return cv2.resize(small, (size, size), interpolation=cv2.INTER_CUBIC)
-
-
 def _kidney_point(
     frame: tuple[float, float, float, float, float], u: float, v: float
 ) -> tuple[float, float]:
@@ -545,8 +548,11 @@ def _tissue(p: _Patient) -> dict[str, float]:
 
 def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int) -> PhantomSlice:
     site = p.site
-    cv = _Canvas(image_size, site.fov_mm)
-    size = image_size
+    # small outputs are painted at >= 256 px and area-averaged: thin skin, table and vessel
+    # walls then get partial volume instead of full-HU single-pixel lines
+    ss = max(1, min(4, 256 // image_size))
+    cv = _Canvas(image_size * ss, site.fov_mm)
+    size = cv.size
     t = _tissue(p)
     tex = np.random.default_rng([p.texture_seed, int(level * 1000)])
     W, H, cy = p.width / 2, p.height / 2, p.cy
@@ -580,14 +586,16 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         [(W - p.fat) / W, (H - 0.7 * p.fat) / H], dtype=np.float64
     )
     cv.fill(wall_out, t["muscle"])
-    cav_poly = centre + (body - centre) * np.array(
-        [(W - p.fat - 8) / W, (H - 0.7 * p.fat - 8) / H], dtype=np.float64
-    )
+    # wall thickness varies: rectus sheath in front (~12 mm), thin obliques at the flanks
+    radial = wall_out - centre
+    dist = np.hypot(radial[:, 0], radial[:, 1])
+    front = np.clip(-radial[:, 1] / dist, 0.0, 1.0)  # 1 straight anterior
+    thick = 4.0 + 8.0 * front**2
+    cav_poly = centre + radial * (1.0 - thick / dist)[:, None]
     cavity = np.zeros((size, size), np.uint8)
     cv.fill(cav_poly, 1, cavity)
     inner = np.full((size, size), t["vfat"], np.float32)
     # visceral fat is not flat: small vessels and strands
-    inner += 6.0 * _smooth_field(tex, size, 24)
     for _ in range(int(tex.integers(15, 40))):  # mesenteric vessels: tiny round dots
         vx, vy = tex.uniform(-0.3, 0.3) * p.width, cy + tex.uniform(-0.4, 0.1) * p.height
         cv.disc(vx, vy, float(tex.uniform(0.8, 2.2)), 0.5 * (t["aorta"] + t["ivc"]), inner)
@@ -600,6 +608,17 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         -0.55 * W, cy + 0.05 * H, 0.62 * W * liver_s, 0.8 * H * liver_s, -25, p.body_shape[:4]
     )
     cv.fill(liver, t["liver"], inner)
+    lx, ly = -0.55 * W, cy + 0.05 * H
+    lrx, lry = 0.62 * W * liver_s, 0.8 * H * liver_s
+    if p.phase != "none":  # enhancing portal / hepatic veins inside the liver
+        for _ in range(int(tex.integers(3, 9))):
+            rr, th = 0.7 * math.sqrt(tex.random()), tex.uniform(0, 2 * math.pi)
+            vx, vy = lx + rr * lrx * math.cos(th), ly + rr * lry * math.sin(th)
+            cv.fill(_shape(vx, vy, 3.5, 2.2, tex.uniform(0, 180)), t["ivc"] + 20, inner)
+    if p.gallbladder and 0.15 < lv < 0.6:
+        # fluid-filled gallbladder at the liver's medial edge: a cyst mimic in every class
+        gx, gy = lx + 0.75 * lrx, ly - 0.3 * lry
+        cv.fill(_shape(gx, gy, 16, 12, 30), float(tex.uniform(0, 20)), inner)
     if lv < 0.55:
         spleen_s = (0.55 - lv) / 0.55
         sp = _shape(0.62 * W, cy + 0.3 * H, 0.28 * W * spleen_s + 4, 0.4 * H * spleen_s + 4, 50)
@@ -646,7 +665,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         n_phleb += 1
 
     hu = cv.hu
-    np.copyto(hu, inner, where=cavity.astype(bool))
+    cv2.copyTo(inner, cavity, hu)  # one pass, uint8 mask
 
     # ---- retroperitoneum: spine, muscles, great vessels, kidneys ----------------------------
     sy = p.spine_y
@@ -681,7 +700,8 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     lesion_mask = np.zeros((size, size), np.uint8)
     frames = {}
     for s in (-1, 1):
-        klev = lv - (p.left_offset if s == 1 else 0.0)
+        # the left kidney (image right) sits higher, so a slice cuts it nearer its lower pole
+        klev = lv + (p.left_offset if s == 1 else 0.0)
         f = _level_factor(klev)
         if f < 0.15:
             continue
@@ -705,7 +725,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
             px_, py_ = _kidney_point(frames[s], 0.0, 0.55 * s)
             cv.fill(_shape(px_, py_, 0.24 * a, 0.28 * b, ang), 8.0)
             target = (-ax - 14, ay + 2) if s < 0 else (ax, ay)
-            cv.line(np.array([[hx, hy], target]), t["ivc"], 6.0)
+            cv.line(np.array([[hx, hy], target]), t["ivc"], 4.5)
 
     # ---- ribs at upper slices, outside the cavity -----------------------------------------
     if lv < 0.7:
@@ -721,23 +741,39 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     # ---- lesions (painted last so they replace parenchyma) ---------------------------------
     les_meta = _draw_lesions(p, cv, frames, lv, tex, t, lesion_mask)
 
-    clean_hu = hu.copy()
-
-    # ---- scanner: PSF blur (partial volume) then quantum noise ----------------------------
+    # ---- scanner: PSF blur (partial volume), detector pixels, then quantum noise -----------
     sigma_px = site.blur_mm / cv.px_mm
-    noisy = cv2.GaussianBlur(clean_hu, (0, 0), sigma_px) if sigma_px > 0.25 else clean_hu.copy()
+    blurred = cv2.GaussianBlur(hu, (0, 0), sigma_px) if sigma_px > 0.25 else None
+    out_size = (image_size, image_size)
+    if ss > 1:
+        clean_hu = cv2.resize(hu, out_size, interpolation=cv2.INTER_AREA)
+        noisy = (
+            clean_hu.copy()
+            if blurred is None
+            else cv2.resize(blurred, out_size, interpolation=cv2.INTER_AREA)
+        )
+        masks = {
+            "body": _downsample_mask(body_mask, image_size),
+            "kidney": _downsample_mask(kidney_mask, image_size),
+            "lesion": _downsample_mask(lesion_mask, image_size, keep_any=True),
+        }
+    else:
+        clean_hu = hu.copy()
+        noisy = clean_hu.copy() if blurred is None else blurred
+        masks = {  # 0/1 uint8 canvases reinterpreted as bool without a copy
+            "body": body_mask.view(bool),
+            "kidney": kidney_mask.view(bool),
+            "lesion": lesion_mask.view(bool),
+        }
     noise_sigma = site.noise_sigma_hu * float(np.clip(p.width / 300.0, 0.75, 1.4))
-    noise = rng.standard_normal((size, size), dtype=np.float32)
-    if size >= 256:  # reconstruction makes quantum noise slightly correlated at full size
-        # 0.408: measured std of unit white noise after that blur, so sigma stays the site's
-        noise = cv2.GaussianBlur(noise, (0, 0), 0.7) * np.float32(1.0 / 0.408)
-    noisy += noise * np.float32(noise_sigma)
+    white = rng.standard_normal(out_size, dtype=np.float32)
+    if image_size >= 256:  # reconstruction makes quantum noise slightly correlated
+        noise = cv2.GaussianBlur(white, (0, 0), 0.7)
+        scale = noise_sigma / 0.408  # 0.408: measured std of unit white noise after that blur
+    else:
+        noise, scale = white, noise_sigma
+    noisy += np.multiply(noise, np.float32(scale), out=noise)
 
-    masks = {
-        "body": body_mask.astype(bool),
-        "kidney": kidney_mask.astype(bool),
-        "lesion": lesion_mask.astype(bool),
-    }
     meta: dict[str, Any] = {
         "class_name": p.class_name,
         "site": site.name,
@@ -748,7 +784,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         "blur_mm": site.blur_mm,
         "patient_width_mm": round(p.width, 1),
         "fov_mm": site.fov_mm,
-        "pixel_mm": round(cv.px_mm, 4),
+        "pixel_mm": round(site.fov_mm / image_size, 4),
         "bowel_contrast": p.bowel_contrast,
         "n_phleboliths": n_phleb,
         "vessel_calcification": calcified,
@@ -762,6 +798,19 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         masks=masks,
         meta=meta,
     )
+
+
+def _downsample_mask(mask: np.ndarray, size: int, keep_any: bool = False) -> np.ndarray:
+    """Area-average a 0/1 mask to ``size``; pixels at least half covered are in.
+
+    With ``keep_any`` a structure smaller than half a pixel keeps its most covered pixel, so
+    a tiny stone still has a non-empty lesion mask.
+    """
+    cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    out = cover >= 0.5
+    if keep_any and not out.any() and cover.max() > 0:
+        out = cover == cover.max()
+    return out
 
 
 def _draw_lesions(
@@ -796,29 +845,35 @@ def _draw_lesions(
         # cross-section of a 3-D lesion; every slice of a lesion patient still shows it
         d = (level - les.level) / max(les.extent, 1e-3)
         r = les.radius_mm * max(math.sqrt(max(0.0, 1.0 - d * d)), 0.6)
-        r = max(r, 0.5 * cv.px_mm)  # at least one pixel so the label stays visible
-        local = np.zeros_like(lesion_mask)
+        if les.kind != "stone":  # stones get exact partial volume instead (_draw_stone)
+            r = max(r, 0.5 * cv.px_mm)
         if les.kind == "stone":
-            cv.disc(x, y, r, 1, local)
+            _draw_stone(cv, x, y, r, les.hu, lesion_mask)
+            value = les.hu  # the stone's material HU; small stones are diluted in their pixels
+        elif les.kind == "cyst":  # homogeneous fluid, sharp wall
+            outline = _shape(x, y, r, r * 0.95, ang)
+            cv.fill(outline, 1, lesion_mask)
+            cv.fill(outline, les.hu)
             value = les.hu
-            cv.hu[local > 0] = value
-        elif les.kind == "cyst":
-            cv.fill(_shape(x, y, r, r * 0.95, ang), 1, local)
-            value = les.hu
-            cv.hu[local > 0] = value
         else:  # tumor: heterogeneous solid mass, irregular margin, optional necrotic centre
+            local = np.zeros_like(lesion_mask)
             cv.fill(_shape(x, y, r, r * 0.9, ang, les.shape), 1, local)
             enh = {"none": 0.0, "arterial": 70.0, "portal": 50.0}[p.phase] * p.enh
             ys, xs = np.nonzero(local)
-            grain = tex.normal(0, 9, ys.size).astype(np.float32)
-            vals = les.hu + enh + grain
+            # heterogeneity on two scales: patchy enhancement and fine grain
+            y0, x0 = int(ys.min()), int(xs.min())
+            h, w = int(ys.max()) - y0 + 1, int(xs.max()) - x0 + 1
+            cells = tex.standard_normal((5, 5), dtype=np.float32)
+            patch = cv2.resize(cells, (w, h), interpolation=cv2.INTER_CUBIC)[ys - y0, xs - x0]
+            grain = tex.normal(0, 4, ys.size).astype(np.float32)
+            vals = les.hu + enh * (0.7 + 0.5 * patch) + 10.0 * patch + grain
             if les.necrotic:
                 nec = np.zeros_like(local)
                 cv.fill(_shape(x, y, 0.45 * r, 0.4 * r, ang, les.shape[4:]), 1, nec)
                 vals = np.where(nec[ys, xs] > 0, 15.0 + 0.3 * grain, vals)
             cv.hu[ys, xs] = vals
             value = float(np.mean(vals)) if vals.size else les.hu + enh
-        lesion_mask |= local
+            lesion_mask |= local
         sizes.append(2.0 * r)
         hus.append(value)
         sides.append("right" if side < 0 else "left")  # patient side (image left = right)
@@ -829,6 +884,42 @@ def _draw_lesions(
         "lesion_hu": round(float(np.mean(hus)), 1),
         "lesion_side": "both" if len(set(sides)) > 1 else sides[0],
     }
+
+
+def _draw_stone(cv: _Canvas, x: float, y: float, r_mm: float, hu: float, mask: np.ndarray) -> None:
+    """Paint a round stone with partial volume (pixel coverage from a supersampled disc).
+
+    A 2 mm stone covers a fraction of a 6 mm pixel at 64 px: the pixel gets the
+    area-weighted mix of stone and background HU, as a CT detector would report. ``mask``
+    marks pixels at least half covered, and always the most covered one.
+    """
+    size = cv.size
+    cx = x / cv.px_mm + size / 2.0 - 0.5
+    cy = y / cv.px_mm + size / 2.0 - 0.5
+    rp = r_mm / cv.px_mm
+    ss = int(min(32, max(4, math.ceil(8.0 / max(rp, 0.25)))))  # >= 8 sub-pixels per radius
+    x0, y0 = max(int(math.floor(cx - rp)) - 1, 0), max(int(math.floor(cy - rp)) - 1, 0)
+    x1, y1 = min(int(math.ceil(cx + rp)) + 2, size), min(int(math.ceil(cy + rp)) + 2, size)
+    if x1 <= x0 or y1 <= y0:
+        return
+    fine = np.zeros(((y1 - y0) * ss, (x1 - x0) * ss), np.float32)
+    # fine pixel k is centred on coarse coordinate x0 - 0.5 + (k + 0.5) / ss
+    centre = (
+        int(round(((cx - x0 + 0.5) * ss - 0.5) * _SCALE)),
+        int(round(((cy - y0 + 0.5) * ss - 0.5) * _SCALE)),
+    )
+    cv2.circle(fine, centre, int(round(rp * ss * _SCALE)), 1.0, -1, cv2.LINE_8, _SHIFT)
+    cover = cv2.resize(fine, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+    if cover.max() <= 0:  # smaller than a sub-sample: give its area to the nearest pixel
+        cover[min(int(round(cy)) - y0, y1 - y0 - 1), min(int(round(cx)) - x0, x1 - x0 - 1)] = min(
+            1.0, math.pi * rp * rp
+        )
+    patch = cv.hu[y0:y1, x0:x1]
+    patch += cover * (np.float32(hu) - patch)
+    m = cover >= 0.5
+    if not m.any():
+        m = cover == cover.max()
+    mask[y0:y1, x0:x1] |= m.astype(mask.dtype)
 
 
 def _check_class(class_name: str) -> str:
@@ -918,6 +1009,8 @@ class _Job:
     slices: int
     seed: tuple[int, ...]
     phase: str = "none"
+    level_u: float | None = None  # stratified position of the slice block (0-1)
+    width_u: float | None = None  # stratified patient width within the site's range (0-1)
 
 
 def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
@@ -935,7 +1028,9 @@ def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
                 jobs.append(_Job(name, s, f"P{pid:05d}", k, (seed, 2, pid)))
                 pid += 1
                 left -= k
-            _assign_phases([j for j in jobs if j.site == s], sites[s], rng)
+            cell = [j for j in jobs if j.site == s]
+            _assign_phases(cell, sites[s], rng)
+            _stratify(cell, rng)
         order = rng.permutation(len(jobs))  # interleave the sites' patients within a class
         plan[name] = [jobs[i] for i in order]
     return plan
@@ -960,6 +1055,23 @@ def _assign_phases(jobs: list[_Job], site: SiteProfile, rng: np.random.Generator
         done[k] += jobs[i].slices
 
 
+def _stratify(jobs: list[_Job], rng: np.random.Generator) -> None:
+    """Latin-hypercube slice level and patient width for the patients of one (site, class) cell.
+
+    Slice level moves the mean grey level a lot (liver and spleen shrink towards the lower
+    pole). With ~100 patients per class, independent draws leave chance differences of 0.05
+    in mean level between classes, enough for a grey-level classifier to beat chance; one
+    draw per equal-probability stratum makes every class cover the range evenly.
+    """
+    m = len(jobs)
+    if m == 0:
+        return
+    levels = (rng.permutation(m) + rng.random(m)) / m
+    widths = (rng.permutation(m) + rng.random(m)) / m
+    for job, lu, wu in zip(jobs, levels, widths, strict=True):
+        job.level_u, job.width_u = float(lu), float(wu)
+
+
 def iter_patient_slices(
     job_seed: Sequence[int],
     class_name: str,
@@ -967,19 +1079,27 @@ def iter_patient_slices(
     n_slices: int,
     image_size: int,
     phase: str | None = None,
+    level_u: float | None = None,
+    width_u: float | None = None,
 ) -> Iterator[PhantomSlice]:
     """Yield ``n_slices`` neighbouring slices (3-5 mm apart) of one synthetic patient.
 
     The anatomy, contrast phase and lesion are shared; noise differs per slice. ``phase``
-    (``none``, ``arterial``, ``portal``) overrides the site's random draw.
+    (``none``, ``arterial``, ``portal``) overrides the site's random draw; ``level_u`` and
+    ``width_u`` in [0, 1) place the slice block and the patient width within their ranges
+    (random when None).
     """
     if phase is not None and phase not in _PHASES:
         raise ValueError(f"phase must be one of {', '.join(_PHASES)}, got {phase!r}")
+    for name, u in (("level_u", level_u), ("width_u", width_u)):
+        if u is not None and not 0.0 <= u <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {u}")
     rng = np.random.default_rng(list(job_seed))
     step = float(rng.uniform(0.03, 0.045))  # 3-5 mm over a ~110 mm kidney
-    start = float(rng.uniform(0.12, 0.88 - step * (n_slices - 1)))
+    lo, hi = 0.12, 0.88 - step * (n_slices - 1)
+    start = lo + (hi - lo) * (float(rng.random()) if level_u is None else level_u)
     centre = start + step * (n_slices - 1) / 2
-    patient = _sample_patient(rng, _check_class(class_name), site, centre)
+    patient = _sample_patient(rng, _check_class(class_name), site, centre, width_u)
     if phase is not None:
         patient.phase = phase
     for i in range(n_slices):
@@ -1032,6 +1152,7 @@ def generate_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
+    _clear_previous(out)
     for sub in (*CLASSES, "masks", "clean"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     plan = _plan(n, seed, profiles)
@@ -1041,9 +1162,21 @@ def generate_dataset(
     try:
         for c, name in enumerate(CLASSES):
             k = 0
-            for job in plan[name]:
+            # like the real sample, file numbers run on across patients but jump now and then
+            # (a new scan series): index blocks then hold several patients, never split one
+            gaps = np.random.default_rng([seed, 3, c])
+            for j, job in enumerate(plan[name]):
+                if j and gaps.random() < SERIES_BREAK_PROB:
+                    k += int(gaps.integers(20, 200))
                 slices = iter_patient_slices(
-                    job.seed, name, profiles[job.site], job.slices, image_size, job.phase
+                    job.seed,
+                    name,
+                    profiles[job.site],
+                    job.slices,
+                    image_size,
+                    job.phase,
+                    job.level_u,
+                    job.width_u,
                 )
                 for i, sl in enumerate(slices):
                     k += 1
@@ -1085,6 +1218,35 @@ def generate_dataset(
     return out
 
 
+def _clear_previous(out: Path) -> None:
+    """Remove the files of an earlier phantom in ``out`` so no stale image survives.
+
+    Only files listed in an earlier ``phantom_metadata.csv`` are removed; a folder holding
+    other images (real data, say) is refused rather than mixed with synthetic ones.
+    """
+    meta = out / "phantom_metadata.csv"
+    root = out.resolve()
+    if meta.is_file():
+        with meta.open(newline="") as fh:
+            ids = [(r["image_id"], r["path"]) for r in csv.DictReader(fh) if r.get("path")]
+        for image_id, rel in ids:
+            for f in (
+                out / rel,
+                out / "clean" / f"{image_id}.png",
+                *(out / "masks" / f"{image_id}_{k}.png" for k in ("body", "kidney", "lesion")),
+            ):
+                # a hand-edited csv must not delete anything outside the dataset folder
+                if f.resolve().is_relative_to(root) and f.parent.resolve() != root:
+                    f.unlink(missing_ok=True)
+    for c in CLASSES:
+        folder = out / c
+        if folder.is_dir() and any(folder.iterdir()):
+            raise ValueError(
+                f"{out}: {c}/ already holds files that are not from a phantom run; "
+                "choose an empty output folder"
+            )
+
+
 def _to_u8(image: np.ndarray) -> np.ndarray:
     return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
@@ -1095,11 +1257,10 @@ def _write(out: Path, rel: str, image_id: str, sl: PhantomSlice) -> None:
     if not ok:
         raise OSError(f"{out / rel}: JPEG encoding failed")
     (out / rel).write_bytes(buf.tobytes())
-    png = [cv2.IMWRITE_PNG_COMPRESSION, 1]
     for key, mask in sl.masks.items():
-        _, b = cv2.imencode(".png", mask.astype(np.uint8) * 255, png)
-        (out / "masks" / f"{image_id}_{key}.png").write_bytes(b.tobytes())
-    _, b = cv2.imencode(".png", _to_u8(sl.clean), png)
+        # 1-bit PNG: encodes twice as fast as 8-bit; loads as bool (PIL) or 0/255 (OpenCV)
+        Image.fromarray(mask).save(out / "masks" / f"{image_id}_{key}.png", compress_level=1)
+    _, b = cv2.imencode(".png", _to_u8(sl.clean), [cv2.IMWRITE_PNG_COMPRESSION, 1])
     (out / "clean" / f"{image_id}.png").write_bytes(b.tobytes())
 
 

@@ -249,7 +249,9 @@ def create_classifier(
         ``dropout``; for ``googlenet`` ``dropout``; for timm models anything
         ``timm.create_model`` accepts (``img_size``, ``drop_rate``...). Every model also takes
         ``freeze_fraction`` (default 0.8 for the hybrid, 0 otherwise; see
-        :func:`~kidneyscan.models.weights.freeze_backbone`).
+        :func:`~kidneyscan.models.weights.freeze_backbone`) and ``image_size``, the training
+        input side: the hybrid sizes its position embeddings from it, fixed-size transformers
+        (ViT, Swin) get it as ``img_size``, CNNs ignore it. Pass it always.
 
     Returns
     -------
@@ -282,6 +284,8 @@ def create_classifier(
             raise ValueError(f"bad option for model 'hybrid': {exc}") from exc
     else:
         freeze = float(kwargs.pop("freeze_fraction", 0.0))
+        # CNNs take any size; only fixed-size transformers (ViT, Swin) need it, as img_size.
+        image_size = kwargs.pop("image_size", None)
         if name == "small_cnn":
             if pretrained:
                 raise ValueError("small_cnn has no pretrained weights (it is trained from scratch)")
@@ -303,6 +307,8 @@ def create_classifier(
                     f"unknown model {name!r}; project names: {', '.join(MODEL_NAMES)}, "
                     "or any timm model name (timm.list_models())"
                 )
+            if image_size is not None and _fixed_input_size(arch):
+                kwargs.setdefault("img_size", image_size)
             model = create_timm_model(
                 arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **kwargs
             )
@@ -313,6 +319,11 @@ def create_classifier(
             freeze_backbone(model, freeze)
     model.kidneyscan_spec = {"name": name, "kwargs": spec_kwargs}  # type: ignore[assignment]
     return model
+
+
+def _fixed_input_size(arch: str) -> bool:
+    pcfg = timm.get_pretrained_cfg(arch)
+    return bool(pcfg is not None and pcfg.to_dict().get("fixed_input_size", False))
 
 
 def model_spec(model: nn.Module) -> dict[str, Any]:

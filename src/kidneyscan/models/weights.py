@@ -28,6 +28,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import LayerNorm2d
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,14 @@ def load_weights(module: nn.Module, weights: str | Path) -> dict[str, Any]:
             adapted.append(key)
         else:
             mismatch.append(key)
+    if source.startswith("efficientnet-lite0"):
+        body = [k for k in state if not k.startswith("classifier.")]
+        if any(k not in to_load for k in body):
+            raise WeightsError(
+                f"weights='efficientnet-lite0' fit only {EFFICIENTNET_LITE0_ARCH!r} "
+                f"(alias efficientnet_lite0); {sum(k in to_load for k in body)} of {len(body)} "
+                "tensors matched this model"
+            )
     missing = [k for k in target if k not in to_load]
     unexpected = [k for k in state if k not in target]
     if not to_load:
@@ -297,7 +306,29 @@ def create_backbone(
     )
     if isinstance(getattr(model, "head", None), nn.Module):
         model.head = nn.Identity()
+    _contiguous_layernorm2d(model)
     return model
+
+
+class ContiguousLayerNorm2d(LayerNorm2d):
+    """timm's ``LayerNorm2d`` returning a contiguous NCHW tensor.
+
+    timm's version returns a permuted (channels-last strided) view. Opacus computes per-sample
+    conv gradients with ``as_strided`` assuming a contiguous input, so the ConvNeXt downsample
+    convolution fed by that view got wrong per-sample gradients under DP-SGD (measured: up to
+    130 % off). Same parameters and state-dict names as timm's layer.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Layer norm over channels of an NCHW tensor, contiguous output."""
+        return super().forward(x).contiguous()
+
+
+def _contiguous_layernorm2d(model: nn.Module) -> None:
+    for module in list(model.modules()):
+        if type(module) is LayerNorm2d:
+            # Swapping the class keeps parameters, buffers and names: state dicts still load.
+            module.__class__ = ContiguousLayerNorm2d
 
 
 # --------------------------------------------------------------------------- freezing

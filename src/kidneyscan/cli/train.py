@@ -1,0 +1,357 @@
+"""CLI: ``train``, ``evaluate``, ``ensemble``, ``compare`` and ``demo``.
+
+Thin adapters: parse options, call :mod:`kidneyscan.experiment`, print a summary. Heavy
+libraries are imported inside the commands so ``kidneyscan --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from kidneyscan.cli._app import app
+
+TASK_HELP = "multiclass (Cyst/Normal/Stone/Tumor) or stone-vs-normal (two classes)."
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise typer.BadParameter(f"{what} {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise typer.BadParameter(f"{what} {item!r}: cannot parse value ({exc})") from exc
+    return out
+
+
+def _parse_steps(items: list[str] | None) -> list[dict[str, Any]]:
+    steps = []
+    for item in items or []:
+        name, _, params = item.partition(":")
+        step: dict[str, Any] = {"name": name.strip()}
+        if params:
+            step.update(_parse_kv([p for p in params.split(",") if p], f"--step {name}"))
+        steps.append(step)
+    return steps
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(show_path=False, show_time=False)],
+        force=True,
+    )
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise typer.BadParameter(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _print_metrics(metrics: dict[str, Any], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("class", "precision", "recall", "F1", "support"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+    for name, c in metrics["per_class"].items():
+        t.add_row(
+            name, f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", str(c["support"])
+        )
+    Console().print(t)
+    line = (
+        f"accuracy {metrics['accuracy']:.3f}  macro-F1 {metrics['macro']['f1']:.3f}  "
+        f"ECE {metrics['ece']:.3f}"
+    )
+    ci = metrics.get("ci95", {}).get("macro_f1")
+    if ci:
+        line += f"  (macro-F1 95% CI {ci[0]:.3f}-{ci[1]:.3f})"
+    sv = metrics.get("stone_vs_rest")
+    if sv and sv.get("sensitivity") is not None:
+        line += f"  stone recall {sv['sensitivity']:.3f}"
+    typer.echo(line)
+
+
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Dataset folder (CT-KIDNEY layout)."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write, e.g. runs/hybrid."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        help="Model name: hybrid, resnet50, mobilenetv2, small_cnn, ... (default hybrid).",
+    ),
+    config: Path | None = typer.Option(
+        None, "--config", help="TOML/YAML/JSON config; command-line options override it."
+    ),
+    image_size: int | None = typer.Option(None, "--image-size", help="Input side in pixels."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Maximum epochs."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch size."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (AdamW)."),
+    split: Path | None = typer.Option(
+        None, "--split", help="Saved split CSV; default: make a leakage-aware split."
+    ),
+    task: str | None = typer.Option(None, "--task", help=TASK_HELP),
+    smote: bool | None = typer.Option(
+        None, "--smote/--no-smote", help="Refit the head on SMOTE-resampled train embeddings."
+    ),
+    class_weighting: str | None = typer.Option(
+        None, "--class-weighting", help="loss (weighted loss), sampler (balanced) or none."
+    ),
+    weights: str | None = typer.Option(
+        None, "--weights", help="Local backbone weights file (or 'efficientnet-lite0')."
+    ),
+    pretrained: bool | None = typer.Option(
+        None, "--pretrained/--no-pretrained", help="timm hub weights (needs internet)."
+    ),
+    model_kwarg: list[str] | None = typer.Option(
+        None, "--model-kwarg", help="Factory keyword KEY=VALUE, e.g. backbone=convnext_atto."
+    ),
+    step: list[str] | None = typer.Option(
+        None, "--step", help="Preprocessing step NAME[:key=value,...], in order (repeatable)."
+    ),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    patience: int | None = typer.Option(
+        None, "--patience", help="Early-stopping patience in epochs (0 disables)."
+    ),
+    augment: bool | None = typer.Option(
+        None, "--augment/--no-augment", help="Augment the training split."
+    ),
+    bf16: bool | None = typer.Option(None, "--bf16/--no-bf16", help="bfloat16 autocast."),
+    channels_last: bool | None = typer.Option(
+        None, "--channels-last/--no-channels-last", help="Channels-last memory format."
+    ),
+    workers: int | None = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    cache: bool | None = typer.Option(
+        None, "--cache/--no-cache", help="Keep preprocessed images in memory between epochs."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice; 1 on busy machines)."
+    ),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for CIs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every epoch."),
+) -> None:
+    """Train a model centrally: split, fit, calibrate, evaluate, checkpoint and report."""
+    _setup_logging(verbose)
+    _set_threads(threads)
+    from kidneyscan.config import ConfigError, ExperimentConfig, load_config
+    from kidneyscan.data.datasets import DataError
+    from kidneyscan.experiment import train_central
+
+    try:
+        cfg = load_config(config) if config is not None else ExperimentConfig()
+        top = {
+            "model": model,
+            "image_size": image_size,
+            "task": task,
+            "weights": weights,
+            "pretrained": pretrained,
+        }
+        changes: dict[str, Any] = {k: v for k, v in top.items() if v is not None}
+        if model_kwarg:
+            changes["model_kwargs"] = {
+                **cfg.model_kwargs,
+                **_parse_kv(model_kwarg, "--model-kwarg"),
+            }
+        if step:
+            changes["steps"] = _parse_steps(step)
+        tr = {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "smote": smote,
+            "class_weighting": class_weighting,
+            "seed": seed,
+            "early_stopping_patience": patience,
+            "augment": augment,
+            "bf16": bf16,
+            "channels_last": channels_last,
+            "num_workers": workers,
+            "cache_images": cache,
+        }
+        train_changes = {k: v for k, v in tr.items() if v is not None}
+        if train_changes:
+            changes["train"] = train_changes
+        cfg = ExperimentConfig.from_dict({**cfg.to_dict(), **_merge(cfg, changes)})
+        res = train_central(
+            data, out, cfg, split_file=split, progress=progress, n_bootstrap=bootstrap
+        )
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    _print_metrics(res.metrics, f"{res.metrics['evaluated_split']} metrics ({cfg.model})")
+    typer.echo(f"report: {res.report_path}\ncheckpoint: {res.checkpoint_dir}")
+
+
+def _merge(cfg: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(changes)
+    if "train" in changes:
+        merged["train"] = {**cfg.train.to_dict(), **changes["train"]}
+    return merged
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint folder."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder to evaluate on."),
+    split: Path | None = typer.Option(
+        None, "--split", help="Split CSV: evaluate its --subset only (default: all images)."
+    ),
+    subset: str = typer.Option("test", "--subset", help="train, val or test (with --split)."),
+    out: Path | None = typer.Option(
+        None, "--out", help="Write metrics.json, plots and report.md here."
+    ),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for CIs."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Inference batch size."),
+) -> None:
+    """Evaluate a checkpoint, rebuilding its preprocessing from the checkpoint metadata."""
+    _setup_logging(False)
+    from kidneyscan.data.datasets import DataError
+    from kidneyscan.experiment import evaluate_checkpoint
+    from kidneyscan.models.checkpoint import CheckpointError
+
+    try:
+        metrics = evaluate_checkpoint(
+            checkpoint,
+            data,
+            split_file=split,
+            subset=subset,
+            out_dir=out,
+            n_bootstrap=bootstrap,
+            batch_size=batch_size,
+            progress=False,
+        )
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    _print_metrics(metrics, f"{checkpoint} on {metrics['evaluated_split']} ({metrics['n']} images)")
+    if out is not None:
+        typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def ensemble(
+    checkpoint: list[Path] = typer.Option(
+        ..., "--checkpoint", help="Checkpoint folder (repeat for each member)."
+    ),
+    data: Path = typer.Option(..., "--data", help="Dataset folder to evaluate on."),
+    split: Path | None = typer.Option(
+        None, "--split", help="Split CSV: evaluate its --subset only (default: all images)."
+    ),
+    subset: str = typer.Option("test", "--subset", help="train, val or test (with --split)."),
+    weighted_by_f1: bool = typer.Option(
+        False, "--weighted-by-f1", help="Weight members by their validation macro-F1."
+    ),
+    out: Path | None = typer.Option(None, "--out", help="Write metrics, plots and report here."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for CIs."),
+) -> None:
+    """Soft-voting ensemble of saved checkpoints, evaluated like a single model."""
+    _setup_logging(False)
+    from kidneyscan.data.datasets import DataError
+    from kidneyscan.experiment import evaluate_ensemble
+    from kidneyscan.models.checkpoint import CheckpointError
+
+    if len(checkpoint) < 2:
+        _fail(ValueError("an ensemble needs at least two --checkpoint folders"))
+    try:
+        metrics = evaluate_ensemble(
+            checkpoint,
+            data,
+            split_file=split,
+            subset=subset,
+            weighted_by_f1=weighted_by_f1,
+            out_dir=out,
+            n_bootstrap=bootstrap,
+        )
+    except (CheckpointError, DataError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    _print_metrics(metrics, f"ensemble of {len(checkpoint)} ({metrics['evaluated_split']})")
+    typer.echo("weights: " + ", ".join(f"{w:.3f}" for w in metrics["ensemble"]["weights"]))
+
+
+@app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run folders (each with metrics.json)."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the table to this file."),
+) -> None:
+    """One Markdown table comparing runs (macro-F1, stone recall, ECE, time, parameters)."""
+    from kidneyscan.evaluation.report import compare_runs
+
+    try:
+        table = compare_runs(runs)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        _fail(exc)
+        return
+    typer.echo(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(table + "\n")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo run folder."),
+    n: int = typer.Option(320, "--n", help="Phantom images to generate."),
+    image_size: int = typer.Option(64, "--image-size", help="Model input side in pixels."),
+    rounds: int = typer.Option(4, "--rounds", min=1, help="Federated rounds."),
+    local_epochs: int = typer.Option(
+        2, "--local-epochs", min=1, help="Local epochs per hospital and round."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Random seed (phantom and training)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    central: bool = typer.Option(
+        False, "--central", help="Train centrally instead (the pre-federated demo)."
+    ),
+) -> None:
+    """Phantom hospitals (3 sites) -> federated hybrid training (FedAvg, Flower simulation)
+    -> metrics and report -> OUT/checkpoint/ (served by `kidneyscan serve`)."""
+    _setup_logging(False)
+    _set_threads(threads)
+    if central:
+        from kidneyscan.experiment import demo_central
+
+        res = demo_central(out, n=n, image_size=image_size, epochs=rounds * local_epochs, seed=seed)
+        _print_metrics(res.metrics, f"demo: hybrid on phantom ({res.metrics['evaluated_split']})")
+        typer.echo(f"report: {res.report_path}\ncheckpoint: {res.checkpoint_dir}")
+        return
+    import json
+
+    from kidneyscan.federated.simulation import demo_federated
+
+    summary = demo_federated(
+        out, n=n, image_size=image_size, rounds=rounds, local_epochs=local_epochs, seed=seed
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    best = summary.get("best") or {}
+    _print_metrics(
+        metrics,
+        f"demo: federated hybrid, 3 phantom hospitals, round {best.get('round')} "
+        f"of {summary['completed_round']} (test set)",
+    )
+    typer.echo(f"report: {out / 'report.md'}\ncheckpoint: {out / 'checkpoint'}")

@@ -1,0 +1,1 @@
+"""Federated learning with Flower: apps, privacy, secure aggregation, deployment."""

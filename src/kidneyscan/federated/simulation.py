@@ -1,0 +1,250 @@
+"""Run a whole federation on one machine with Flower's simulation engine.
+
+:func:`prepare_run` does what the hospitals' IT would do in a real deployment: it splits off a
+held-out test set for the server and partitions the rest into per-hospital training sets,
+written as CSV files under the run folder (for audit). :func:`simulate` then starts one
+virtual SuperNode per hospital; each ClientApp reads only its own rows of the partition file.
+Used by ``kidneyscan federate``, ``kidneyscan demo`` and ``benchmarks/federated.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from kidneyscan.data.datasets import Sample
+from kidneyscan.federated import task
+
+log = logging.getLogger(__name__)
+
+
+def split_test(
+    samples: Sequence[Sample], test_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample], Any]:
+    """Split off the server's held-out test set: ``(train_pool, test, split)``.
+
+    Uses the leakage-aware :func:`kidneyscan.data.splits.make_split`: one patient's slices,
+    neighbouring slices and near-duplicates stay on one side.
+    """
+    from kidneyscan.data.splits import make_split
+
+    if not 0.0 < test_fraction < 1.0:
+        raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
+    parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
+    pool, test = list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
+    return pool, test, parts
+
+
+def prepare_run(
+    samples: Sequence[Sample],
+    out_dir: str | Path,
+    *,
+    num_clients: int,
+    partitioning: str = "dirichlet",
+    alpha: float = 0.5,
+    min_samples: int = 2,
+    test_fraction: float = 0.2,
+    local_val_fraction: float = 0.15,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Write ``partitions.csv`` (clients' training rows) and ``test.csv`` (server) to ``out_dir``.
+
+    Also writes ``split.csv`` in the project's split format: ``train`` / ``val`` (the sites'
+    local hold-outs for ``local_val_fraction`` and ``seed``, as the ClientApps draw them) /
+    ``test``.
+
+    Returns
+    -------
+    dict
+        Run-config entries to pass on: ``partition-file``, ``test-file``, ``split-file``,
+        ``num-clients``,
+        plus ``summary`` (per-client counts) for display.
+    """
+    from kidneyscan.data.partition import partition_samples, partition_summary, save_partitions
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    from kidneyscan.data.splits import Split, save_split
+
+    pool, test, split = split_test(samples, test_fraction, seed)
+    parts = partition_samples(
+        pool, num_clients, scheme=partitioning, alpha=alpha, min_samples=min_samples, seed=seed
+    )
+    # The standard split CSV (train / val = the sites' local hold-outs / test), so
+    # `kidneyscan evaluate --split` scores the same test images.
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for part in parts:
+        t, v = task.split_local(part, local_val_fraction, seed)
+        train += t
+        val += v
+    save_split(
+        Split({"train": train, "val": val, "test": test}, split.groups, split.info),
+        out / "split.csv",
+    )
+    part_file = save_partitions(parts, out / "partitions.csv")
+    test_file = save_partitions([test], out / "test.csv")
+    summary = partition_summary(parts)
+    (out / "partitions.json").write_text(json.dumps(summary, indent=2))
+    return {
+        "partition-file": str(part_file.resolve()),
+        "test-file": str(test_file.resolve()),
+        "split-file": str((out / "split.csv").resolve()),
+        "num-clients": num_clients,
+        "summary": summary,
+        "n_test": len(test),
+    }
+
+
+def _prepare_env(flwr_home: Path) -> None:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FLWR_HOME", str(flwr_home))
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def simulate(
+    config: Mapping[str, Any],
+    *,
+    num_clients: int,
+    cpus_per_client: float = 1.0,
+    total_cpus: int | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the ServerApp and ``num_clients`` ClientApps in Flower's simulation engine.
+
+    Parameters
+    ----------
+    config
+        Run-config overrides (kebab-case keys of :data:`task.DEFAULTS`, plus privacy keys);
+        must include ``out-dir`` and normally ``partition-file`` / ``test-file``.
+    num_clients
+        Virtual SuperNodes (hospitals), one partition each.
+    cpus_per_client
+        Ray resources per client; 1 lets two clients train at once on a 2-core machine
+        (Flower's default of 2 runs them one by one).
+    total_cpus
+        CPUs Ray may use (default: all).
+
+    Returns
+    -------
+    dict
+        The run's ``federation.json`` summary (rounds, best round, bytes, wall time).
+    """
+    from flwr.simulation import run_simulation
+
+    from kidneyscan.federated.client_app import app as client_app
+    from kidneyscan.federated.server_app import app as server_app
+
+    cfg = dict(config)
+    out = Path(str(cfg["out-dir"])).resolve()
+    cfg["out-dir"] = str(out)
+    cfg.setdefault("num-clients", num_clients)
+    task.run_config(cfg)  # fail here, with a clear message, before Ray starts
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    _prepare_env(out.parent / ".flwr")
+    previous = os.environ.get(task.CONFIG_ENV)
+    os.environ[task.CONFIG_ENV] = json.dumps(cfg, default=str)
+    backend: dict[str, Any] = {
+        "client_resources": {"num_cpus": float(cpus_per_client), "num_gpus": 0.0},
+        "init_args": {"num_cpus": total_cpus} if total_cpus else {},
+    }
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=num_clients,
+            backend_config=backend,  # type: ignore[arg-type]
+            verbose_logging=verbose,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(task.CONFIG_ENV, None)
+        else:
+            os.environ[task.CONFIG_ENV] = previous
+    summary_file = out / "federation.json"
+    if not summary_file.is_file():
+        raise RuntimeError(
+            f"the federated run ended without writing {summary_file}; see the log above"
+        )
+    result: dict[str, Any] = json.loads(summary_file.read_text())
+    return result
+
+
+#: The demo's small hybrid (same as the centralized demo): convnext_atto backbone, one encoder
+#: block of 128-d tokens; 80 % of the backbone frozen, so only ~2 M tensors travel.
+DEMO_MODEL_KWARGS = {"backbone": "convnext_atto", "embed_dim": 128, "depth": 1, "num_heads": 8}
+
+
+def demo_federated(
+    out_dir: str | Path,
+    *,
+    n: int = 300,
+    image_size: int = 64,
+    rounds: int = 5,
+    local_epochs: int = 2,
+    sites: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Phantom hospitals -> federated hybrid training (FedAvg) -> metrics, report, checkpoint.
+
+    The phantom goes to ``<out_dir>/data`` (one scanner profile per hospital, reused when
+    already there with the same settings); each hospital is one site (``site`` partitioning:
+    scanner shift between hospitals). The selected global model is written to
+    ``<out_dir>/checkpoint``, the report to ``<out_dir>/report.md``.
+
+    Returns
+    -------
+    dict
+        The ``federation.json`` summary.
+    """
+    from kidneyscan.data.datasets import scan_dataset
+    from kidneyscan.data.phantom import generate_dataset
+
+    out = Path(out_dir)
+    data = out / "data"
+    stamp = data / ".demo.json"
+    want = {"n": n, "seed": seed, "sites": sites, "image_size": max(64, image_size)}
+    if not (stamp.is_file() and json.loads(stamp.read_text()) == want):
+        generate_dataset(
+            data, n, seed=seed, sites=sites, image_size=want["image_size"], progress=True
+        )
+        stamp.write_text(json.dumps(want))
+    prepared = prepare_run(
+        scan_dataset(data),
+        out,
+        num_clients=sites,
+        partitioning="site",
+        min_samples=8,
+        test_fraction=0.2,
+        local_val_fraction=0.15,
+        seed=seed,
+    )
+    config = {
+        "strategy": "fedavg",
+        "partitioning": "site",
+        "num-server-rounds": rounds,
+        "local-epochs": local_epochs,
+        "min-clients": sites,
+        "model": "hybrid",
+        "model-kwargs": json.dumps(DEMO_MODEL_KWARGS),
+        "image-size": image_size,
+        "batch-size": 32,
+        "lr": 2e-3,
+        "local-val-fraction": 0.15,
+        "seed": seed,
+        "out-dir": str(out),
+        "partition-file": prepared["partition-file"],
+        "test-file": prepared["test-file"],
+        "split-file": prepared["split-file"],
+        "num-clients": sites,
+    }
+    return simulate(config, num_clients=sites)

@@ -1,0 +1,404 @@
+"""Framework glue shared by the ClientApp and the ServerApp (no training logic of its own).
+
+* Run configuration: defaults (mirroring ``[tool.flwr.app.config]`` in pyproject.toml) merged
+  with what Flower hands the app, so ``run_simulation`` (which passes an empty run config) and
+  ``flwr run`` behave the same.
+* Model: built by :func:`kidneyscan.models.factory.create_classifier` after seeding, so every
+  site starts from the identical frozen backbone; only the trainable tensors travel.
+* Data: each client loads only its own partition (simulation) or its own folder (deployment).
+* Training and evaluation call :mod:`kidneyscan.engine`; metrics come from
+  :mod:`kidneyscan.evaluation.metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from kidneyscan.data.datasets import CLASSES, Sample
+
+log = logging.getLogger(__name__)
+
+#: Environment variable through which ``kidneyscan federate`` hands its run config to the apps
+#: (``flwr.simulation.run_simulation`` passes an empty ``run_config``; Ray workers inherit it).
+CONFIG_ENV = "KIDNEYSCAN_FED_CONFIG"
+
+#: Defaults of every run-config key (kebab-case, as in pyproject.toml ``[tool.flwr.app.config]``).
+DEFAULTS: dict[str, bool | int | float | str] = {
+    "num-server-rounds": 5,
+    "local-epochs": 1,
+    "strategy": "fedavg",
+    "partitioning": "dirichlet",
+    "dirichlet-alpha": 0.5,
+    "min-samples": 2,
+    "fraction-train": 1.0,
+    "fraction-evaluate": 1.0,
+    "min-clients": 2,
+    "num-clients": 3,
+    "assumed-attackers": 0,
+    "trimmed-beta": 0.2,
+    "proximal-mu": 0.01,
+    "server-lr": 0.01,
+    "server-tau": 0.001,
+    "model": "convnext_atto",
+    "model-kwargs": "{}",
+    "image-size": 64,
+    "in-chans": 3,
+    "preprocessing": "[]",
+    "batch-size": 16,
+    "lr": 0.001,
+    "weight-decay": 0.05,
+    "label-smoothing": 0.1,
+    "augment": True,
+    "local-val-fraction": 0.15,
+    "transport-fp16": False,
+    "seed": 0,
+    "partition-file": "",
+    "test-file": "",
+    "test-dir": "",
+    "split-file": "",
+    "out-dir": "runs/federated",
+    "resume": False,
+    "round-timeout": 3600.0,
+}
+
+
+class FederatedConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+def run_config(context_run_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Merge defaults, the ``KIDNEYSCAN_FED_CONFIG`` overrides and Flower's run config.
+
+    Precedence (last wins): :data:`DEFAULTS`, the JSON in ``$KIDNEYSCAN_FED_CONFIG`` (set by
+    ``kidneyscan federate`` for in-process simulation), then ``context.run_config`` (filled by
+    ``flwr run`` from pyproject.toml and ``--run-config``). Values are coerced to the type of
+    the default.
+
+    Raises
+    ------
+    FederatedConfigError
+        Unknown keys or values that cannot be converted.
+    """
+    merged: dict[str, Any] = dict(DEFAULTS)
+    env = os.environ.get(CONFIG_ENV)
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if env:
+        try:
+            layers.append((f"${CONFIG_ENV}", json.loads(env)))
+        except json.JSONDecodeError as exc:
+            raise FederatedConfigError(f"${CONFIG_ENV} is not valid JSON: {exc}") from exc
+    layers.append(("run config", dict(context_run_config or {})))
+    for source, layer in layers:
+        for key, value in layer.items():
+            if key not in DEFAULTS:
+                # Other areas (privacy, deployment) add their own keys; keep them untouched.
+                merged[key] = value
+                continue
+            merged[key] = _coerce(key, value, DEFAULTS[key], source)
+    _validate(merged)
+    return merged
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                return value.lower() in ("true", "1")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise FederatedConfigError(
+            f"{source}: {key}={value!r} is not a valid {type(default).__name__}"
+        ) from None
+
+
+def _validate(cfg: Mapping[str, Any]) -> None:
+    positive = ("num-server-rounds", "local-epochs", "batch-size", "min-clients", "image-size")
+    for key in positive:
+        if cfg[key] < 1:
+            raise FederatedConfigError(f"{key} must be >= 1, got {cfg[key]}")
+    for key in ("fraction-train", "fraction-evaluate"):
+        if not 0.0 <= cfg[key] <= 1.0:
+            raise FederatedConfigError(f"{key} must be in [0, 1], got {cfg[key]}")
+    if not 0.0 <= cfg["local-val-fraction"] < 0.9:
+        raise FederatedConfigError(
+            f"local-val-fraction must be in [0, 0.9), got {cfg['local-val-fraction']}"
+        )
+    if cfg["lr"] <= 0:
+        raise FederatedConfigError(f"lr must be > 0, got {cfg['lr']}")
+    for key in ("model-kwargs", "preprocessing"):
+        try:
+            json.loads(cfg[key])
+        except json.JSONDecodeError as exc:
+            raise FederatedConfigError(f"{key} must be JSON, got {cfg[key]!r} ({exc})") from exc
+
+
+# --------------------------------------------------------------------------- model
+
+
+def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``{"name", "kwargs"}`` entry stored in checkpoint metadata."""
+    kwargs = dict(json.loads(cfg["model-kwargs"]))
+    kwargs.setdefault("in_chans", int(cfg["in-chans"]))
+    if cfg["model"] == "hybrid":  # its positional embedding is sized for the input
+        kwargs.setdefault("image_size", int(cfg["image-size"]))
+    return {"name": str(cfg["model"]), "kwargs": kwargs}
+
+
+def build_model(cfg: Mapping[str, Any], classes: Sequence[str] = CLASSES) -> nn.Module:
+    """Create the classifier from the run config, seeded so every site builds the same weights.
+
+    The frozen part of the backbone never travels: identical initialisation (same seed, or the
+    same local weights file in ``model-kwargs``) is what keeps it identical across sites.
+    """
+    from kidneyscan.models.factory import create_classifier
+
+    spec = model_spec(cfg)
+    torch.manual_seed(int(cfg["seed"]))
+    return create_classifier(spec["name"], len(classes), **spec["kwargs"])
+
+
+def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
+    """The :class:`~kidneyscan.preprocess.pipeline.Preprocessor` used by every site and server."""
+    from kidneyscan.preprocess.pipeline import Preprocessor
+
+    return Preprocessor(
+        steps=list(json.loads(cfg["preprocessing"])),
+        image_size=int(cfg["image-size"]),
+        in_chans=int(cfg["in-chans"]),
+    )
+
+
+def trainable_keys(model: nn.Module) -> list[str]:
+    """Names of the state-dict entries that are trained, hence exchanged, in this order."""
+    from kidneyscan.models.factory import trainable_state_keys
+
+    return list(trainable_state_keys(model))
+
+
+def get_trainable(model: nn.Module) -> list[np.ndarray]:
+    """Copies of the trainable tensors as float32 NumPy arrays, in :func:`trainable_keys` order."""
+    state = model.state_dict()
+    return [state[k].detach().cpu().float().numpy().copy() for k in trainable_keys(model)]
+
+
+def set_trainable(model: nn.Module, arrays: Sequence[np.ndarray]) -> None:
+    """Load arrays produced by :func:`get_trainable` (possibly fp16) into ``model``.
+
+    Raises
+    ------
+    ValueError
+        If the number or shapes of the arrays do not match the model's trainable tensors.
+    """
+    keys = trainable_keys(model)
+    if len(arrays) != len(keys):
+        raise ValueError(f"expected {len(keys)} trainable arrays, got {len(arrays)}")
+    state = model.state_dict()
+    update = {}
+    for key, arr in zip(keys, arrays, strict=True):
+        if tuple(arr.shape) != tuple(state[key].shape):
+            raise ValueError(
+                f"array for {key!r} has shape {tuple(arr.shape)}, model expects "
+                f"{tuple(state[key].shape)}"
+            )
+        update[key] = torch.as_tensor(np.asarray(arr)).to(state[key].dtype)
+    model.load_state_dict(update, strict=False)
+
+
+def to_named(model: nn.Module, *, fp16: bool = False) -> dict[str, np.ndarray]:
+    """Trainable tensors keyed by name (what goes into an ``ArrayRecord``)."""
+    arrays = get_trainable(model)
+    if fp16:
+        arrays = [a.astype(np.float16) for a in arrays]
+    return dict(zip(trainable_keys(model), arrays, strict=True))
+
+
+def from_named(model: nn.Module, named: Mapping[str, np.ndarray]) -> None:
+    """Load a name -> array mapping (from an ``ArrayRecord``) into the trainable tensors.
+
+    Raises
+    ------
+    ValueError
+        If the names differ from the model's trainable tensors (naming what is missing/extra).
+    """
+    keys = trainable_keys(model)
+    missing = [k for k in keys if k not in named]
+    extra = [k for k in named if k not in set(keys)]
+    if missing or extra:
+        raise ValueError(
+            f"received arrays do not match the model's trainable tensors: "
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        )
+    set_trainable(model, [named[k] for k in keys])
+
+
+def payload_bytes(named: Mapping[str, np.ndarray]) -> int:
+    """Bytes of raw tensor data in a payload (what the bytes-per-round numbers count)."""
+    return int(sum(np.asarray(a).nbytes for a in named.values()))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def load_client_samples(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) -> list[Sample]:
+    """The training images of THIS client only.
+
+    Deployment: ``node_config["data-dir"]`` names the hospital's local folder (CT-KIDNEY /
+    ImageFolder layout). Simulation: ``node_config["partition-id"]`` selects this client's rows
+    of the partition CSV written by ``kidneyscan federate`` (``partition-file``).
+
+    Raises
+    ------
+    FederatedConfigError
+        If neither a data folder nor a partition file + partition id is available.
+    """
+    from kidneyscan.data.datasets import scan_dataset
+    from kidneyscan.data.partition import load_partition
+
+    if node_config.get("data-dir"):
+        return scan_dataset(str(node_config["data-dir"]))
+    if "partition-id" in node_config and cfg.get("partition-file"):
+        pid = int(node_config["partition-id"])
+        return load_partition(str(cfg["partition-file"]), partition_id=pid)[pid]
+    raise FederatedConfigError(
+        "this client has no data: start the SuperNode with --node-config \"data-dir='...'\" "
+        "or run the simulation through `kidneyscan federate` (which writes partition-file)"
+    )
+
+
+def split_local(
+    samples: Sequence[Sample], fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``fraction`` of a site's images (stratified when possible) for local validation."""
+    samples = list(samples)
+    n_val = int(round(fraction * len(samples)))
+    if fraction <= 0 or n_val < 1 or len(samples) - n_val < 1:
+        return samples, []
+    from sklearn.model_selection import train_test_split
+
+    labels = [s.label for s in samples]
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and n_val >= len(set(labels)) else None
+    train, val = train_test_split(samples, test_size=n_val, random_state=seed, stratify=stratify)
+    return list(train), list(val)
+
+
+# --------------------------------------------------------------------------- train / evaluate
+
+
+def train_local(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    cfg: Mapping[str, Any],
+    *,
+    proximal_mu: float = 0.0,
+    server_round: int = 1,
+) -> dict[str, float]:
+    """Train the trainable tensors on this site's images for ``local-epochs`` epochs.
+
+    A fresh AdamW with a constant learning rate each round (optimiser state does not travel).
+    With ``proximal_mu > 0`` the engine adds the FedProx term towards the received weights.
+
+    Returns
+    -------
+    dict
+        ``loss`` and ``accuracy`` of the last local epoch, ``num-examples`` trained on.
+    """
+    from kidneyscan import engine
+    from kidneyscan.data.loaders import make_loader
+
+    if not samples:
+        raise FederatedConfigError("this client has no training images")
+    pre = build_preprocessor(cfg)
+    # Different shuffling each round and site, reproducible for a seed.
+    seed = int(cfg["seed"]) * 1000 + server_round
+    loader = make_loader(
+        list(samples),
+        pre,
+        train=True,
+        batch_size=int(cfg["batch-size"]),
+        augment=bool(cfg["augment"]),
+        seed=seed,
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
+    # The engine's proximal term wants every parameter (frozen ones included), in order.
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    model.train()
+    stats: dict[str, float] = {}
+    for _ in range(int(cfg["local-epochs"])):
+        stats = engine.train_one_epoch(
+            model,
+            loader,
+            optimizer,
+            loss_fn=loss_fn,
+            proximal_mu=float(proximal_mu),
+            global_params=global_params,
+        )
+    return {
+        "loss": float(stats["loss"]),
+        "accuracy": float(stats["accuracy"]),
+        "num-examples": len(samples),
+    }
+
+
+def evaluate_model(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    cfg: Mapping[str, Any],
+    classes: Sequence[str] = CLASSES,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Evaluate ``model`` on ``samples``.
+
+    Returns
+    -------
+    scalars, probs, labels
+        ``loss``, ``accuracy``, ``macro-f1``, ``num-examples``; softmax probabilities (N, C);
+        integer labels (N,).
+    """
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from kidneyscan import engine
+    from kidneyscan.data.loaders import make_loader
+
+    loader = make_loader(
+        list(samples), build_preprocessor(cfg), train=False, batch_size=int(cfg["batch-size"])
+    )
+    model.eval()
+    logits, labels = engine.predict(model, loader)
+    logits_t = torch.as_tensor(logits, dtype=torch.float32)
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    loss = float(nn.functional.cross_entropy(logits_t, labels_t).item())
+    probs = torch.softmax(logits_t, dim=1).numpy()
+    pred = probs.argmax(1)
+    scalars = {
+        "loss": loss,
+        "accuracy": float(accuracy_score(labels, pred)),
+        "macro-f1": float(
+            f1_score(
+                labels, pred, labels=list(range(len(classes))), average="macro", zero_division=0
+            )
+        ),
+        "num-examples": len(samples),
+    }
+    return scalars, probs, np.asarray(labels)

@@ -1,0 +1,313 @@
+"""Federated core: run config, trainable-tensor transport, strategies, simulation, resume."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kidneyscan.federated import task
+from kidneyscan.federated.strategies import (
+    RecordingStrategy,
+    StrategyError,
+    build_strategy,
+    check_robustness,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------- run config
+
+
+def test_defaults_mirror_pyproject_flower_table() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    flwr_app = pyproject["tool"]["flwr"]["app"]
+
+    assert flwr_app["components"]["serverapp"] == "kidneyscan.federated.server_app:app"
+    assert flwr_app["components"]["clientapp"] == "kidneyscan.federated.client_app:app"
+    assert flwr_app["config"] == task.DEFAULTS
+
+
+def test_run_config_precedence_and_coercion(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(task.CONFIG_ENV, json.dumps({"strategy": "fedprox", "lr": 0.5}))
+
+    cfg = task.run_config({"lr": "0.25", "transport-fp16": "true", "dp": "none"})
+
+    assert cfg["strategy"] == "fedprox"  # from the environment layer
+    assert cfg["lr"] == 0.25  # Flower's run config wins, coerced to float
+    assert cfg["transport-fp16"] is True
+    assert cfg["dp"] == "none"  # keys of other areas pass through
+    assert cfg["num-server-rounds"] == task.DEFAULTS["num-server-rounds"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"num-server-rounds": "many"}, "num-server-rounds='many' is not a valid int"),
+        ({"num-server-rounds": 0}, "num-server-rounds must be >= 1"),
+        ({"fraction-train": 1.5}, "fraction-train must be in"),
+        ({"model-kwargs": "{oops"}, "model-kwargs must be JSON"),
+        ({"augment": "maybe"}, "augment='maybe' is not a valid bool"),
+    ],
+)
+def test_bad_run_config_is_named(override: dict, message: str) -> None:
+    with pytest.raises(task.FederatedConfigError, match=message):
+        task.run_config(override)
+
+
+# --------------------------------------------------------------------------- transport
+
+
+def _tiny_model() -> torch.nn.Module:
+    cfg = task.run_config({"model": "convnext_atto", "image-size": 32})
+    model = task.build_model(cfg)
+    # Freeze everything but the last stage and the head, as the hybrid freezes its backbone.
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith(("stages.3", "head"))
+    return model
+
+
+def test_same_seed_builds_identical_models() -> None:
+    a, b = _tiny_model(), _tiny_model()
+
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb
+        assert torch.equal(va, vb)
+
+
+def test_only_trainable_tensors_travel_and_round_trip() -> None:
+    model = _tiny_model()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    named = task.to_named(model)
+    sent = {k: v + 1.0 for k, v in named.items()}
+    task.from_named(model, sent)
+
+    assert set(named) == trainable
+    assert 0 < len(named) < len(frozen_before)
+    for name, p in model.named_parameters():
+        expected = frozen_before[name] + (1.0 if name in trainable else 0.0)
+        assert torch.allclose(p.detach(), expected), name
+
+
+def test_fp16_transport_halves_bytes_and_round_trips_within_precision() -> None:
+    model = _tiny_model()
+    full, half = task.to_named(model), task.to_named(model, fp16=True)
+
+    task.from_named(model, half)
+
+    assert task.payload_bytes(half) * 2 == task.payload_bytes(full)
+    for key, arr in task.to_named(model).items():
+        np.testing.assert_allclose(arr, full[key], rtol=1e-3, atol=1e-4)
+
+
+def test_mismatched_arrays_are_rejected_with_names() -> None:
+    model = _tiny_model()
+    named = task.to_named(model)
+    key = next(iter(named))
+
+    with pytest.raises(ValueError, match="missing"):
+        task.from_named(model, {k: v for k, v in named.items() if k != key})
+    with pytest.raises(ValueError, match="has shape"):
+        task.from_named(model, {**named, key: np.zeros((1, 2), np.float32)})
+
+
+# --------------------------------------------------------------------------- strategies
+
+
+@pytest.mark.parametrize(
+    ("name", "cls_name"),
+    [
+        ("fedavg", "FedAvg"),
+        ("fedprox", "FedProx"),
+        ("fedadam", "FedAdam"),
+        ("fedyogi", "FedYogi"),
+        ("fedmedian", "FedMedian"),
+        ("fedtrimmedavg", "FedTrimmedAvg"),
+        ("krum", "Krum"),
+    ],
+)
+def test_strategy_selection(name: str, cls_name: str) -> None:
+    cfg = task.run_config({"strategy": name, "min-clients": 3, "proximal-mu": 0.1})
+
+    strategy = build_strategy(cfg)
+
+    assert type(strategy).__name__ == cls_name
+    assert strategy.min_train_nodes == 3
+    if name == "fedprox":
+        assert strategy.proximal_mu == pytest.approx(0.1)
+
+
+def test_unknown_strategy_is_named() -> None:
+    with pytest.raises(StrategyError, match="unknown strategy 'fedfoo'"):
+        build_strategy(task.run_config({"strategy": "fedfoo"}))
+
+
+@pytest.mark.parametrize(
+    ("strategy", "clients", "attackers", "ok"),
+    [
+        ("krum", 4, 1, False),  # needs n > 2f + 2 = 4
+        ("krum", 5, 1, True),
+        ("krum", 7, 2, True),
+        ("fedmedian", 2, 1, False),
+        ("fedmedian", 3, 1, True),
+        ("fedtrimmedavg", 4, 1, False),  # floor(0.2 * 4) = 0 trimmed < 1
+        ("fedtrimmedavg", 5, 1, True),
+        ("fedavg", 10, 1, False),  # averaging is not robust at all
+        ("fedavg", 2, 0, True),
+    ],
+)
+def test_robust_aggregation_start_up_check(
+    strategy: str, clients: int, attackers: int, ok: bool
+) -> None:
+    if ok:
+        check_robustness(strategy, clients, attackers, beta=0.2)
+    else:
+        with pytest.raises(StrategyError, match=f"{attackers} assumed attacker"):
+            check_robustness(strategy, clients, attackers, beta=0.2)
+
+
+def test_build_strategy_runs_the_robustness_check() -> None:
+    cfg = task.run_config({"strategy": "krum", "min-clients": 3, "assumed-attackers": 1})
+
+    with pytest.raises(StrategyError, match="Krum"):
+        build_strategy(cfg)
+
+
+def test_recorder_delegates_to_inner_strategy() -> None:
+    inner = build_strategy(task.run_config({"strategy": "fedavg"}))
+
+    wrapped = RecordingStrategy(inner, fp16=True)
+
+    assert wrapped.inner is inner
+    assert wrapped.rounds == {}
+
+
+# --------------------------------------------------------------------------- simulation
+
+
+HYBRID = {
+    "model": "hybrid",
+    "model-kwargs": json.dumps(
+        {"backbone": "convnext_atto", "embed_dim": 64, "depth": 1, "num_heads": 4}
+    ),
+    "image-size": 64,
+}
+
+
+@pytest.fixture(scope="module")
+def federated_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """2 rounds, 3 phantom hospitals (one per site), tiny hybrid, via the CLI; shared below."""
+    from typer.testing import CliRunner
+
+    from kidneyscan.cli import app
+
+    out = tmp_path_factory.mktemp("fed") / "run"
+    result = CliRunner().invoke(
+        app,
+        [
+            "federate",
+            "--data", str(phantom_dir),
+            "--clients", "3",
+            "--rounds", "2",
+            "--partitioning", "site",
+            "--strategy", "fedprox",
+            "--model", "hybrid",
+            "--model-kwargs", HYBRID["model-kwargs"],
+            "--image-size", "64",
+            "--batch-size", "8",
+            "--fp16",
+            "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return phantom_dir, out
+
+
+@pytest.mark.slow
+def test_two_round_simulation_writes_a_servable_checkpoint(federated_run: tuple) -> None:
+    from kidneyscan.models.checkpoint import load_checkpoint
+
+    _, out = federated_run
+    summary = json.loads((out / "federation.json").read_text())
+    history = json.loads((out / "curves.json").read_text())
+    model, meta = load_checkpoint(out / "checkpoint")
+
+    assert summary["completed_round"] == 2
+    assert [r["round"] for r in history] == [1, 2]
+    for row in history:
+        assert sorted(c["partition-id"] for c in row["clients"]) == [0, 1, 2]
+        assert all(np.isfinite(c["train-loss"]) for c in row["clients"])
+        assert 0.0 <= row["test-macro-f1"] <= 1.0
+        assert row["failures"] == []
+    assert meta["classes"] == ["Cyst", "Normal", "Stone", "Tumor"]
+    assert meta["preprocessing"]["image_size"] == 64
+    assert meta["training"]["mode"] == "federated"
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
+    assert (out / "curves.png").stat().st_size > 0
+    assert (out / "metrics.json").is_file()
+
+
+@pytest.mark.slow
+def test_bytes_per_round_match_fp16_trainable_payload(federated_run: tuple) -> None:
+    _, out = federated_run
+    history = json.loads((out / "curves.json").read_text())
+    model = task.build_model(task.run_config(HYBRID))
+    expected_per_client = task.payload_bytes(task.to_named(model, fp16=True))
+    all_tensors = sum(v.numel() * 2 for v in model.state_dict().values())
+
+    assert expected_per_client < 0.8 * all_tensors  # the frozen backbone stays home
+    for row in history:
+        assert [c["bytes-up"] for c in row["clients"]] == [expected_per_client] * 3
+        assert row["bytes-up"] == 3 * expected_per_client
+
+
+@pytest.mark.slow
+def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
+    from kidneyscan.data.partition import load_partition
+    from kidneyscan.data.splits import load_split
+
+    _, out = federated_run
+    parts = load_partition(out / "partitions.csv")
+    test = load_partition(out / "test.csv")[0]
+    history = json.loads((out / "curves.json").read_text())
+    local_val = task.DEFAULTS["local-val-fraction"]
+
+    train_paths = {str(s.path) for p in parts for s in p}
+    assert train_paths.isdisjoint(str(s.path) for s in test)
+    split = load_split(out / "split.csv")  # the standard split file, for `kidneyscan evaluate`
+    assert {str(s.path) for s in split["test"]} == {str(s.path) for s in test}
+    assert {str(s.path) for s in split["train"] + split["val"]} == train_paths
+    assert [{s.site for s in p} for p in parts] == [{"site0"}, {"site1"}, {"site2"}]
+    for c in history[0]["clients"]:
+        part = parts[c["partition-id"]]
+        expected, held_out = task.split_local(part, float(local_val), 0)
+        assert c["num-examples"] == len(expected)
+        assert {str(s.path) for s in held_out} <= {str(s.path) for s in split["val"]}
+
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_global_state(federated_run: tuple) -> None:
+    from kidneyscan.federated.server_app import load_state
+    from kidneyscan.federated.simulation import simulate
+
+    _, out = federated_run
+    before = json.loads((out / "curves.json").read_text())
+    run_cfg = json.loads((out / "run_config.json").read_text())
+    named_before, _ = load_state(out)
+
+    summary = simulate({**run_cfg, "num-server-rounds": 3, "resume": True}, num_clients=3)
+
+    after = json.loads((out / "curves.json").read_text())
+    named_after, state = load_state(out)
+    assert summary["completed_round"] == 3
+    assert [r["round"] for r in after] == [1, 2, 3]
+    assert after[:2] == before  # earlier rounds kept, not re-run
+    assert state["completed_round"] == 3
+    assert any(not np.array_equal(named_before[k], named_after[k]) for k in named_before)

@@ -1,0 +1,176 @@
+"""DP settings, the Opacus accountant, Flower's DP wrappers and the budget stop."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from kidneyscan.federated import privacy
+from kidneyscan.federated.privacy import DPConfig, PrivacyAccountant, PrivacyConfigError
+
+
+@pytest.mark.parametrize(
+    ("run_config", "message"),
+    [
+        ({"dp": "local-magic", "num-clients": 3}, "dp must be one of"),
+        ({"dp": "server-fixed"}, "needs the number of clients"),
+        ({"dp": "server-fixed", "num-clients": 3, "dp-noise-multiplier": 0}, "noise-multiplier"),
+        ({"dp": "server-fixed", "num-clients": 3, "dp-delta": 1.5}, "dp-delta"),
+        ({"dp": "server-fixed", "num-clients": 3, "dp-clipping-norm": "big"}, "must be a number"),
+        ({"dp": "client-fixed", "num-clients": 3, "dp-sampled-clients": 4}, "exceeds"),
+        ({"dp": "client-fixed", "num-clients": 2.5}, "positive integer"),
+        ({"dp": "client-fixed", "num-clients": 3, "dp-epsilon-budget": -1}, "epsilon-budget"),
+    ],
+)
+def test_dp_config_names_the_bad_setting(run_config: dict, message: str) -> None:
+    with pytest.raises(PrivacyConfigError, match=message):
+        DPConfig.from_run_config(run_config)
+
+
+def test_dp_config_reads_keys_and_sampling_rate() -> None:
+    config = DPConfig.from_run_config(
+        {
+            "dp": "Server-Fixed",
+            "num-clients": 10,
+            "dp-sampled-clients": 4,
+            "dp-noise-multiplier": 1.2,
+            "dp-clipping-norm": 0.5,
+            "dp-delta": 1e-4,
+            "dp-epsilon-budget": 0,
+        }
+    )
+    assert config.mode == "server-fixed" and config.enabled
+    assert config.sampling_rate == pytest.approx(0.4)
+    assert (config.noise_multiplier, config.clipping_norm, config.delta) == (1.2, 0.5, 1e-4)
+    assert config.epsilon_budget is None  # 0 means "report only"
+    assert not DPConfig.from_run_config({}).enabled
+
+
+def test_accountant_matches_opacus_stepwise_and_grows() -> None:
+    # Prepare
+    from opacus.accountants import RDPAccountant
+
+    ours = PrivacyAccountant(noise_multiplier=1.1, sampling_rate=0.5, delta=1e-5)
+    reference = RDPAccountant()
+
+    # Execute
+    reported = []
+    for _ in range(6):
+        reported.append(ours.step())
+        reference.step(noise_multiplier=1.1, sample_rate=0.5)
+
+    # Assert: same epsilon as stepping Opacus round by round; strictly increasing; delta fixed.
+    assert reported[-1][0] == pytest.approx(reference.get_epsilon(delta=1e-5), rel=1e-9)
+    epsilons = [eps for eps, _ in reported]
+    assert all(b > a for a, b in zip(epsilons, epsilons[1:], strict=False))
+    assert {d for _, d in reported} == {1e-5}
+    assert [r for r, _ in ours.history] == [1, 2, 3, 4, 5, 6]
+
+
+def test_accountant_is_below_the_classic_gaussian_rdp_bound() -> None:
+    # Without sampling (q = 1) a round is the Gaussian mechanism: RDP alpha / (2 sigma^2);
+    # the classic conversion eps = min_a T a / (2 sigma^2) + log(1/delta) / (a - 1) is an upper
+    # bound of Opacus's (tighter) conversion over the same orders.
+    sigma, rounds, delta = 2.0, 5, 1e-5
+    accountant = PrivacyAccountant(sigma, 1.0, delta)
+    from opacus.accountants import RDPAccountant
+
+    classic = min(
+        rounds * a / (2 * sigma**2) + math.log(1 / delta) / (a - 1)
+        for a in RDPAccountant.DEFAULT_ALPHAS
+        if a > 1
+    )
+    eps = accountant.epsilon_after(rounds)
+    assert 0.5 * classic < eps <= classic + 1e-9
+
+
+def test_budget_bisection_is_consistent() -> None:
+    accountant = PrivacyAccountant(1.0, 1.0, 1e-5, epsilon_budget=None)
+    budget = (accountant.epsilon_after(3) + accountant.epsilon_after(4)) / 2
+    capped = PrivacyAccountant(1.0, 1.0, 1e-5, epsilon_budget=budget)
+    assert capped.rounds_within_budget(10) == 3
+    assert capped.rounds_within_budget(2) == 2
+    assert not capped.would_exceed(3) and capped.would_exceed(4)
+    capped.step()
+    assert capped.rounds_within_budget(10) == 2
+    assert not PrivacyAccountant(1.0, 1.0, 1e-5).would_exceed(1000)
+
+
+@pytest.mark.parametrize(
+    ("mode", "wrapper"),
+    [
+        ("server-fixed", "DifferentialPrivacyServerSideFixedClipping"),
+        ("client-fixed", "DifferentialPrivacyClientSideFixedClipping"),
+        ("server-adaptive", "DifferentialPrivacyServerSideAdaptiveClipping"),
+        ("client-adaptive", "DifferentialPrivacyClientSideAdaptiveClipping"),
+    ],
+)
+def test_wrap_strategy_picks_flower_wrapper(mode: str, wrapper: str) -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    inner = FedAvg()
+    wrapped = privacy.wrap_strategy(inner, {"dp": mode, "num-clients": 3, "dp-epsilon-budget": 5})
+    assert type(wrapped.strategy).__name__ == wrapper
+    assert wrapped.strategy.strategy is inner
+    assert wrapped.accountant.epsilon_budget == 5
+    mods = privacy.client_mods({"dp": mode, "num-clients": 3})
+    expected = {"client-fixed": ["fixedclipping_mod"], "client-adaptive": ["adaptiveclipping_mod"]}
+    assert [m.__name__ for m in mods] == expected.get(mode, [])
+
+
+def test_wrap_strategy_off_and_robust_rejected() -> None:
+    from flwr.serverapp.strategy import FedAvg, FedMedian
+
+    plain = FedAvg()
+    assert privacy.wrap_strategy(plain, {"dp": "none"}) is plain
+    with pytest.raises(PrivacyConfigError, match="FedMedian"):
+        privacy.wrap_strategy(FedMedian(), {"dp": "server-fixed", "num-clients": 3})
+
+
+def _simulate(tmp_path: Path, overrides: dict) -> dict:
+    from flwr.simulation import run_simulation
+
+    from kidneyscan.federated import smoke
+
+    overrides = {"out-dir": str(tmp_path), **overrides}
+    run_simulation(
+        server_app=smoke.make_server_app(overrides),
+        client_app=smoke.make_client_app(overrides),
+        num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    return json.loads((tmp_path / "smoke_result.json").read_text())
+
+
+@pytest.mark.slow
+def test_dp_run_stops_before_the_budget(tmp_path: Path) -> None:
+    # Prepare: client-side clipping (fixedclipping_mod on the hospitals) + server noise; a budget
+    # between the cost of 2 and of 3 rounds, 5 rounds asked for.
+    reference = PrivacyAccountant(noise_multiplier=1.5, sampling_rate=1.0, delta=1e-5)
+    budget = (reference.epsilon_after(2) + reference.epsilon_after(3)) / 2
+    overrides = {
+        "num-server-rounds": 5,
+        "min-clients": 3,
+        "num-clients": 3,
+        "dp": "client-fixed",
+        "dp-noise-multiplier": 1.5,
+        "dp-clipping-norm": 0.5,
+        "dp-delta": 1e-5,
+        "dp-epsilon-budget": budget,
+    }
+
+    # Execute
+    result = _simulate(tmp_path, overrides)
+
+    # Assert: exactly the 2 affordable rounds ran, epsilon reported each round, increasing,
+    # within budget; the next round would have exceeded it.
+    per_round = result["privacy"]["per_round"]
+    assert [r["round"] for r in per_round] == [1, 2]
+    assert [r["round"] for r in result["rounds"]] == [1, 2]
+    eps = [r["epsilon"] for r in per_round]
+    assert eps[0] < eps[1] <= budget < reference.epsilon_after(3)
+    assert result["train_metrics"]["2"]["dp-epsilon"] == pytest.approx(eps[1])
+    assert all(r["replies"] == 3 and not r["failed"] for r in result["rounds"])
