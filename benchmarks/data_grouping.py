@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from kidneyscan.data.datasets import CLASSES, load_image, scan_dataset
-from kidneyscan.data.splits import groups_for, hamming_pairs, index_blocks, phash
+from kidneyscan.data.splits import groups_for, hamming_pairs, index_blocks, make_split, phash
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,6 +70,29 @@ def main() -> None:
                 "union_groups_per_class": _per_class(union, labels),
             }
         )
+    jumps = []
+    has_patients = all(s.patient_id for s in samples)
+    if has_patients:
+        from sklearn.metrics import adjusted_rand_score
+
+        patients = np.array([f"{s.label}:{s.patient_id}" for s in samples])
+    for jump in (None, 16, 12, 10, 8):
+        g = groups_for(samples, grouping="blocks+phash", max_jump=jump, hashes=hashes)
+        row: dict = {"max_jump": jump, "groups_per_class": _per_class(g, labels)}
+        try:
+            split = make_split(samples, grouping="blocks+phash", max_jump=jump, hashes=hashes)
+            row["test_per_class"] = split.info["per_split"]["test"]
+        except Exception as exc:  # noqa: BLE001 - too few groups is a result here
+            row["test_per_class"] = str(exc)
+        if has_patients:
+            kept = total = 0
+            for p in np.unique(patients):
+                members = g[patients == p]
+                total += len(members) * (len(members) - 1) // 2
+                kept += sum(int(c) * (int(c) - 1) // 2 for c in np.bincount(members))
+            row["ari_vs_patients"] = float(adjusted_rand_score(patients, g))
+            row["same_patient_pairs_kept"] = kept / total if total else None
+        jumps.append(row)
     result = {
         "data": str(args.data),
         "n_images": len(samples),
@@ -78,6 +101,7 @@ def main() -> None:
         "seconds_phash_per_image": (t2 - t1) / len(samples),
         "gaps": gaps,
         "distances": dists,
+        "jumps": jumps,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
@@ -97,7 +121,7 @@ def main() -> None:
     lines += [
         "",
         "| max pHash distance | pairs | cross-class pairs | clusters (2+) | largest |"
-        " blocks+phash groups per class (gap 10) |",
+        " blocks+phash groups per class (gap 10, jump 12) |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
@@ -105,6 +129,22 @@ def main() -> None:
         f" | {d['largest_cluster']} | {', '.join(map(str, d['union_groups_per_class'].values()))} |"
         for d in dists
     ]
+    head = "| max jump | blocks+phash groups per class | test split per class |"
+    sep = "|---|---|---|"
+    if has_patients:
+        head += " ARI vs patients | same-patient pairs kept together |"
+        sep += "---|---|"
+    lines += ["", head, sep]
+    for j in jumps:
+        test = j["test_per_class"]
+        shown = ", ".join(f"{k} {v}" for k, v in test.items()) if isinstance(test, dict) else test
+        line = (
+            f"| {'none' if j['max_jump'] is None else j['max_jump']}"
+            f" | {', '.join(map(str, j['groups_per_class'].values()))} | {shown} |"
+        )
+        if has_patients:
+            line += f" {j['ari_vs_patients']:.3f} | {100 * j['same_patient_pairs_kept']:.1f} % |"
+        lines.append(line)
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -7,8 +7,33 @@ from pathlib import Path
 
 import pytest
 
+# Tiny test models gain nothing from intra-op threads, and on a 2-core machine extra threads
+# (also in the Flower and server subprocesses, which inherit the environment) only spin.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
-REAL_DATA = Path(os.environ.get("KIDNEYSCAN_REAL_DATA", REPO.parent / "shared/data/ct-kidney"))
+
+
+def _find_real_data() -> Path:
+    """``../shared/data/ct-kidney`` beside the checkout (or beside a parent, for worktrees)."""
+    if "KIDNEYSCAN_REAL_DATA" in os.environ:
+        return Path(os.environ["KIDNEYSCAN_REAL_DATA"])
+    for parent in REPO.parents:
+        candidate = parent / "shared/data/ct-kidney"
+        if candidate.is_dir():
+            return candidate
+    return REPO.parent / "shared/data/ct-kidney"
+
+
+REAL_DATA = _find_real_data()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Pin torch to one intra-op thread for the whole suite (see OMP_NUM_THREADS above)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -51,7 +51,8 @@ def messy(tmp_path: Path) -> Path:
 
 def test_audit_finds_planted_duplicates_and_unreadable_files(messy: Path) -> None:
     # Execute
-    report = audit_dataset(messy, max_gap=5, max_distance=4)
+    report = audit_dataset(messy, max_gap=5, max_distance=4, max_jump=None)
+    cut = audit_dataset(messy, max_gap=5, max_distance=4, max_jump=12)
     # Assert
     assert report["dataset"]["n_images"] == 20
     assert [u["path"] for u in report["unreadable"]] == ["Tumor/Tumor- (800).png"]
@@ -73,6 +74,8 @@ def test_audit_finds_planted_duplicates_and_unreadable_files(messy: Path) -> Non
     union = report["groupings"]["blocks+phash"]
     assert union["n_groups"] < report["groupings"]["blocks"]["n_groups"]
     assert union["mixed_class_groups"] == 2
+    # the fixture's index neighbours are unrelated images: the jump cut separates them
+    assert cut["groupings"]["blocks+phash"]["n_groups"] > report["groupings"]["blocks"]["n_groups"]
 
 
 def test_audit_reports_groups_crossing_a_leaky_split(messy: Path, tmp_path: Path) -> None:
@@ -81,11 +84,13 @@ def test_audit_reports_groups_crossing_a_leaky_split(messy: Path, tmp_path: Path
     samples = scan_dataset(messy)
     leaky = make_split(samples, grouping="none", val=0.25, test=0.25, seed=0)
     csv_path = save_split(leaky, tmp_path / "leaky.csv", root=messy)
-    safe = make_split(samples, grouping="blocks+phash", max_gap=5, val=0.25, test=0.25, seed=0)
+    safe = make_split(
+        samples, grouping="blocks+phash", max_gap=5, max_jump=None, val=0.25, test=0.25, seed=0
+    )
     safe_path = save_split(safe, tmp_path / "safe.csv", root=messy)
     # Execute
-    leaky_report = audit_dataset(messy, split_csv=csv_path, max_gap=5)
-    safe_report = audit_dataset(messy, split_csv=safe_path, max_gap=5)
+    leaky_report = audit_dataset(messy, split_csv=csv_path, max_gap=5, max_jump=None)
+    safe_report = audit_dataset(messy, split_csv=safe_path, max_gap=5, max_jump=None)
     # Assert
     crossing = leaky_report["split"]["crossing"]
     assert crossing["blocks+phash"]["groups"] > 0

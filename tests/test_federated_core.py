@@ -283,11 +283,13 @@ def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
     assert train_paths.isdisjoint(str(s.path) for s in test)
     split = load_split(out / "split.csv")  # the standard split file, for `kidneyscan evaluate`
     assert {str(s.path) for s in split["test"]} == {str(s.path) for s in test}
+    assert {str(s.path) for s in split["train"] + split["val"]} == train_paths
     assert [{s.site for s in p} for p in parts] == [{"site0"}, {"site1"}, {"site2"}]
     for c in history[0]["clients"]:
         part = parts[c["partition-id"]]
-        expected, _ = task.split_local(part, float(local_val), 0)
+        expected, held_out = task.split_local(part, float(local_val), 0)
         assert c["num-examples"] == len(expected)
+        assert {str(s.path) for s in held_out} <= {str(s.path) for s in split["val"]}
 
 
 @pytest.mark.slow

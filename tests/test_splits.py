@@ -83,8 +83,39 @@ def test_hamming_pairs_match_brute_force() -> None:
     assert (5, 7, 0) in expected and (2, 9, 3) in expected
 
 
-def test_union_grouping_links_far_duplicates_to_their_block(tmp_path: Path) -> None:
-    # Prepare: Cyst 1 and 2 are neighbours; Cyst 500 is a copy of Cyst 1; Cyst 900 unrelated
+def _flip(bits: np.ndarray, n: int, start: int = 0) -> np.ndarray:
+    out = bits.copy()
+    out[start : start + n] ^= True
+    return out
+
+
+def test_union_links_far_duplicates_and_cuts_runs_at_content_jumps() -> None:
+    # Prepare: hashes with known distances. Cyst 2 is 8 bits from Cyst 1 (a neighbouring slice,
+    # not a near duplicate); Cyst 500 is 1 bit from Cyst 1 (a far-away near duplicate); Cyst 901
+    # is 20 bits from its index neighbour Cyst 900 (a new patient inside a run).
+    base = np.zeros(64, dtype=bool)
+    base[::2] = True
+    other = np.zeros(64, dtype=bool)
+    other[:32] = True  # 32 bits from base
+    hashes = np.stack([base, _flip(base, 8), _flip(base, 1, 60), other, _flip(other, 20)])
+    samples = [
+        Sample(Path(f"/x/Cyst- ({i}).png"), 0, "Cyst", f"Cyst- ({i})", i)
+        for i in (1, 2, 500, 900, 901)
+    ]
+    # Execute
+    blocks = splits.groups_for(samples, grouping="blocks", hashes=hashes)
+    phash = splits.groups_for(samples, grouping="phash", hashes=hashes)
+    union = splits.groups_for(samples, grouping="blocks+phash", hashes=hashes)
+    plain = splits.groups_for(samples, grouping="blocks+phash", hashes=hashes, max_jump=None)
+    # Assert
+    assert blocks.tolist() == [0, 0, 1, 2, 2]
+    assert phash.tolist() == [0, 1, 0, 2, 3]
+    assert union.tolist() == [0, 0, 0, 1, 2]
+    assert plain.tolist() == [0, 0, 0, 1, 1]
+
+
+def test_groups_from_images_on_disk(tmp_path: Path) -> None:
+    # Prepare: Cyst 500 is a copy of Cyst 1; the others are unrelated images
     images = {1: _pattern(1), 2: _pattern(2), 500: _pattern(1), 900: _pattern(3)}
     samples = []
     for idx, img in images.items():
@@ -92,12 +123,8 @@ def test_union_grouping_links_far_duplicates_to_their_block(tmp_path: Path) -> N
         _save(p, img)
         samples.append(Sample(p, 0, "Cyst", p.stem, idx))
     # Execute
-    blocks = splits.groups_for(samples, grouping="blocks")
-    phash = splits.groups_for(samples, grouping="phash")
-    union = splits.groups_for(samples, grouping="blocks+phash")
-    # Assert
-    assert blocks.tolist() == [0, 0, 1, 2]
-    assert phash.tolist() == [0, 1, 0, 2]
+    union = splits.groups_for(samples, grouping="blocks+phash", max_jump=None)
+    # Assert: 1-2 index block, 500 copy of 1, 900 alone
     assert union.tolist() == [0, 0, 0, 1]
 
 

@@ -54,6 +54,14 @@ def audit(
         max=64,
         help="Largest pHash Hamming distance (of 64 bits) for near duplicates.",
     ),
+    max_jump: int = typer.Option(
+        12,
+        "--max-jump",
+        min=0,
+        max=64,
+        help="In blocks+phash, index neighbours differing by more pHash bits start a new group"
+        " (64: never, the plain union).",
+    ),
 ) -> None:
     """Audit a dataset: unreadable files, exact and near duplicates, groups, split leakage."""
     from rich.console import Console
@@ -65,7 +73,12 @@ def audit(
     _setup_logging()
     try:
         report = audit_dataset(
-            data, split_csv=split, max_gap=max_gap, max_distance=max_distance, progress=True
+            data,
+            split_csv=split,
+            max_gap=max_gap,
+            max_distance=max_distance,
+            max_jump=max_jump,
+            progress=True,
         )
     except DataError as exc:
         raise _fail(exc) from None
@@ -140,6 +153,14 @@ def split(
         max=64,
         help="Largest pHash Hamming distance (of 64 bits) for near duplicates.",
     ),
+    max_jump: int = typer.Option(
+        12,
+        "--max-jump",
+        min=0,
+        max=64,
+        help="In blocks+phash, index neighbours differing by more pHash bits start a new group"
+        " (64: never, the plain union).",
+    ),
 ) -> None:
     """Make a leakage-aware stratified group split (or k-fold) of a dataset and save it as CSV."""
     from rich.console import Console
@@ -156,6 +177,7 @@ def split(
             "grouping": grouping,
             "max_gap": max_gap,
             "max_distance": max_distance,
+            "max_jump": max_jump,
             "progress": True,
         }
         if kfold is not None:

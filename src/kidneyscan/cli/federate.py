@@ -141,6 +141,7 @@ def federate(
                 alpha=alpha,
                 min_samples=min_samples,
                 test_fraction=test_fraction,
+                local_val_fraction=local_val,
                 seed=seed,
             )
         _print_partitions(console, Table, prepared["summary"])

@@ -21,6 +21,7 @@ from kidneyscan.data.datasets import CLASSES, DataError, Sample, load_image, sca
 from kidneyscan.data.splits import (
     DEFAULT_MAX_DISTANCE,
     DEFAULT_MAX_GAP,
+    DEFAULT_MAX_JUMP,
     Split,
     groups_for,
     hamming_pairs,
@@ -203,6 +204,7 @@ def audit_dataset(
     split_csv: str | Path | None = None,
     max_gap: int = DEFAULT_MAX_GAP,
     max_distance: int = DEFAULT_MAX_DISTANCE,
+    max_jump: int | None = DEFAULT_MAX_JUMP,
     progress: bool = False,
 ) -> dict[str, Any]:
     """Audit a CT-KIDNEY / ImageFolder dataset for duplicates, groups and split leakage.
@@ -213,7 +215,7 @@ def audit_dataset(
         Dataset folder (see :func:`~kidneyscan.data.datasets.scan_dataset`).
     split_csv
         Optional split CSV (``kidneyscan split``); groups spanning its splits are reported.
-    max_gap, max_distance
+    max_gap, max_distance, max_jump
         Grouping parameters, as for :func:`~kidneyscan.data.splits.groups_for`.
     progress
         Show a progress bar while reading images.
@@ -270,7 +272,12 @@ def audit_dataset(
     blocks = groups_for(good, grouping="blocks", max_gap=max_gap)
     ph = groups_for(good, grouping="phash", max_distance=max_distance, hashes=h)
     union = groups_for(
-        good, grouping="blocks+phash", max_gap=max_gap, max_distance=max_distance, hashes=h
+        good,
+        grouping="blocks+phash",
+        max_gap=max_gap,
+        max_distance=max_distance,
+        max_jump=max_jump,
+        hashes=h,
     )
     near_clusters = _clusters([str(g) for g in ph])
     cross_pairs = [
@@ -289,7 +296,12 @@ def audit_dataset(
             "n_images": n,
             "per_class": {c: int((labels == k).sum()) for k, c in enumerate(CLASSES)},
             "image_sizes": dict(sizes),
-            "params": {"max_gap": max_gap, "max_distance": max_distance, "hash_bits": 64},
+            "params": {
+                "max_gap": max_gap,
+                "max_distance": max_distance,
+                "max_jump": max_jump,
+                "hash_bits": 64,
+            },
         },
         "unreadable": unreadable,
         "exact_duplicates": {
@@ -360,7 +372,8 @@ def to_markdown(report: dict[str, Any], *, command: str | None = None) -> str:
         f"- image sizes: {', '.join(f'{k} ({v})' for k, v in ds['image_sizes'].items())}",
         f"- unreadable: **{len(report['unreadable'])}**",
         f"- parameters: index gap <= {p['max_gap']}, pHash distance <= {p['max_distance']}"
-        f" of {p['hash_bits']} bits",
+        f" of {p['hash_bits']} bits, blocks cut where neighbours differ by more than"
+        f" {p['max_jump']} bits (in blocks+phash)",
         "",
         "## Exact duplicates",
         "",
