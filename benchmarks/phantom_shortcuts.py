@@ -85,9 +85,12 @@ def main() -> None:
         f"--image-size {args.image_size}",
         "chance": 0.25,
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        generate_dataset(tmp, args.n, seed=0, sites=3, image_size=args.image_size)
-        result["phantom"] = probe(Path(tmp), "patient")
+    # one site: class vs. rendering only; three sites: plus the site mix (patient size, noise,
+    # field of view differ by site and so do class mixes, which links them when pooled)
+    for sites in (1, 3):
+        with tempfile.TemporaryDirectory() as tmp:
+            generate_dataset(tmp, args.n, seed=0, sites=sites, image_size=args.image_size)
+            result[f"phantom_{sites}_site{'s' if sites > 1 else ''}"] = probe(Path(tmp), "patient")
     if args.real.is_dir():
         result["real"] = probe(args.real, "index_blocks")
     print(json.dumps(result, indent=2))
@@ -101,7 +104,7 @@ def main() -> None:
         "| data | images | groups | global grey-level stats acc. | 16x16 thumbnail linear acc. |",
         "|---|---:|---:|---:|---:|",
     ]
-    for key in ("phantom", "real"):
+    for key in ("phantom_1_site", "phantom_3_sites", "real"):
         r = result.get(key)
         if isinstance(r, dict):
             g, t = r["global_stats"], r["thumbnail_16px"]

@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown model(s) {unknown}; known: {sorted(MODELS)}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    if args.step:
+        # The ROI steps (crop_body, crop_kidneys) register on import of their module.
+        import kidneyscan.preprocess.roi  # noqa: F401
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
     split_file = args.results / f"{args.name}_split.csv"

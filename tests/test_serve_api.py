@@ -196,10 +196,18 @@ def test_explain_requested_class_changes_heatmap(client):
     assert maps["Cyst"]["heatmap_png"] != maps["tumor"]["heatmap_png"]
 
 
-@pytest.mark.parametrize("field,value", [("target_class", "Kidney"), ("alpha", "2")])
+@pytest.mark.parametrize(
+    "field,value", [("target_class", "Kidney"), ("target_class", "7"), ("alpha", "2")]
+)
 def test_explain_rejects_bad_options(client, field, value):
     err = _error(client.post("/api/v1/explain", data={**multipart(PNG), field: value}), 400)
     assert field.split("_")[0] in err["message"]
+
+
+@pytest.mark.parametrize("value", [[1], 9, True, {"c": 1}, 0.5])
+def test_explain_rejects_bad_json_target_class(client, value):
+    body = {"image": base64.b64encode(PNG).decode(), "target_class": value}
+    _error(client.post("/api/v1/explain", json=body), 400)
 
 
 # -- model card, openapi, health ---------------------------------------------------------------

@@ -50,7 +50,10 @@ def eda(
     seed: int = typer.Option(0, "--seed", help="Seed of the sub-sample and montage choice."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
 ) -> None:
-    """Exploratory data analysis: class counts, sizes, grey levels, montages (PNG + Markdown)."""
+    """Exploratory data analysis: class counts, sizes, grey levels, montages (PNG + Markdown).
+
+    DATA is a dataset folder in the CT-KIDNEY layout (real or phantom).
+    """
     from kidneyscan.data.datasets import DataError
     from kidneyscan.data.eda import run_eda
 

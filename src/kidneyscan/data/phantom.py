@@ -65,6 +65,8 @@ METADATA_COLUMNS: tuple[str, ...] = (
 )
 
 _PHASES = ("none", "arterial", "portal")
+#: Chance that the file numbering jumps (by 20-200) before a patient, as between scan series.
+SERIES_BREAK_PROB = 0.1
 _SHIFT = 4  # fixed-point bits for OpenCV drawing: sub-pixel accurate outlines at 64 px
 _SCALE = float(1 << _SHIFT)
 
@@ -105,7 +107,7 @@ class SiteProfile:
     contrast_prob: float = 0.5
     arterial_fraction: float = 0.4
     contrast_scale: float = 1.0
-    bowel_contrast_prob: float = 0.25
+    bowel_contrast_prob: float = 0.15
     class_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
     patient_width_mm: tuple[float, float] = (240.0, 340.0)
     fov_mm: float = 380.0
@@ -174,7 +176,7 @@ def make_sites(n_sites: int = 1, seed: int = 0) -> list[SiteProfile]:
                 contrast_prob=round(float(contrast[i]), 3),
                 arterial_fraction=round(float(rng.uniform(0.25, 0.6)), 3),
                 contrast_scale=round(float(scale[i]), 3),
-                bowel_contrast_prob=round(float(rng.uniform(0.1, 0.4)), 3),
+                bowel_contrast_prob=round(float(rng.uniform(0.05, 0.3)), 3),
                 class_weights=tuple(round(float(w), 4) for w in weights),  # type: ignore[arg-type]
                 patient_width_mm=(
                     round(float(width_lo[i]), 1),
@@ -287,10 +289,14 @@ def _sample_phase(rng: np.random.Generator, site: SiteProfile) -> str:
 
 
 def _sample_patient(
-    rng: np.random.Generator, class_name: str, site: SiteProfile, level: float
+    rng: np.random.Generator,
+    class_name: str,
+    site: SiteProfile,
+    level: float,
+    width_u: float | None = None,
 ) -> _Patient:
     lo, hi = site.patient_width_mm
-    width = float(rng.uniform(lo, hi))
+    width = lo + (hi - lo) * (float(rng.random()) if width_u is None else width_u)
     height = width * float(rng.uniform(0.66, 0.8))
     # larger patients carry more subcutaneous fat
     fat = float(np.clip(rng.normal(8 + 0.12 * (width - 240), 5), 4, 45))
@@ -306,7 +312,7 @@ def _sample_patient(
         y = cy + float(rng.uniform(-0.42, 0.08)) * height
         r = float(rng.uniform(7, 16))
         content = str(rng.choice(["gas", "fluid", "feces", "wall"], p=[0.25, 0.3, 0.2, 0.25]))
-        if bowel_contrast and rng.random() < 0.6:
+        if bowel_contrast and rng.random() < 0.4:
             content = "contrast"
         bowel.append((x, y, r, float(rng.uniform(0.55, 1.0)), float(rng.uniform(0, 180)), content))
     for s in (-1.0, 1.0):
@@ -340,7 +346,7 @@ def _sample_patient(
         spine_y=spine_y,
         liver_scale=float(rng.uniform(0.8, 1.15)),
         bowel=bowel,
-        fat_hu=float(rng.uniform(-135, -105)),
+        fat_hu=float(rng.uniform(-145, -115)),  # real CT-KIDNEY fat peaks near -130 HU
         gallbladder=bool(rng.random() < 0.6),
         cancellous_hu=float(rng.uniform(120, 240)),  # lower in osteopenic patients
         bowel_contrast=bowel_contrast,
@@ -542,8 +548,11 @@ def _tissue(p: _Patient) -> dict[str, float]:
 
 def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int) -> PhantomSlice:
     site = p.site
-    cv = _Canvas(image_size, site.fov_mm)
-    size = image_size
+    # small outputs are painted at >= 256 px and area-averaged: thin skin, table and vessel
+    # walls then get partial volume instead of full-HU single-pixel lines
+    ss = max(1, min(4, 256 // image_size))
+    cv = _Canvas(image_size * ss, site.fov_mm)
+    size = cv.size
     t = _tissue(p)
     tex = np.random.default_rng([p.texture_seed, int(level * 1000)])
     W, H, cy = p.width / 2, p.height / 2, p.cy
@@ -716,7 +725,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
             px_, py_ = _kidney_point(frames[s], 0.0, 0.55 * s)
             cv.fill(_shape(px_, py_, 0.24 * a, 0.28 * b, ang), 8.0)
             target = (-ax - 14, ay + 2) if s < 0 else (ax, ay)
-            cv.line(np.array([[hx, hy], target]), t["ivc"], 6.0)
+            cv.line(np.array([[hx, hy], target]), t["ivc"], 4.5)
 
     # ---- ribs at upper slices, outside the cavity -----------------------------------------
     if lv < 0.7:
@@ -732,26 +741,39 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     # ---- lesions (painted last so they replace parenchyma) ---------------------------------
     les_meta = _draw_lesions(p, cv, frames, lv, tex, t, lesion_mask)
 
-    clean_hu = hu.copy()
-
-    # ---- scanner: PSF blur (partial volume) then quantum noise ----------------------------
+    # ---- scanner: PSF blur (partial volume), detector pixels, then quantum noise -----------
     sigma_px = site.blur_mm / cv.px_mm
-    noisy = cv2.GaussianBlur(clean_hu, (0, 0), sigma_px) if sigma_px > 0.25 else clean_hu.copy()
+    blurred = cv2.GaussianBlur(hu, (0, 0), sigma_px) if sigma_px > 0.25 else None
+    out_size = (image_size, image_size)
+    if ss > 1:
+        clean_hu = cv2.resize(hu, out_size, interpolation=cv2.INTER_AREA)
+        noisy = (
+            clean_hu.copy()
+            if blurred is None
+            else cv2.resize(blurred, out_size, interpolation=cv2.INTER_AREA)
+        )
+        masks = {
+            "body": _downsample_mask(body_mask, image_size),
+            "kidney": _downsample_mask(kidney_mask, image_size),
+            "lesion": _downsample_mask(lesion_mask, image_size, keep_any=True),
+        }
+    else:
+        clean_hu = hu.copy()
+        noisy = clean_hu.copy() if blurred is None else blurred
+        masks = {  # 0/1 uint8 canvases reinterpreted as bool without a copy
+            "body": body_mask.view(bool),
+            "kidney": kidney_mask.view(bool),
+            "lesion": lesion_mask.view(bool),
+        }
     noise_sigma = site.noise_sigma_hu * float(np.clip(p.width / 300.0, 0.75, 1.4))
-    white = rng.standard_normal((size, size), dtype=np.float32)
-    if size >= 256:  # reconstruction makes quantum noise slightly correlated at full size
+    white = rng.standard_normal(out_size, dtype=np.float32)
+    if image_size >= 256:  # reconstruction makes quantum noise slightly correlated
         noise = cv2.GaussianBlur(white, (0, 0), 0.7)
         scale = noise_sigma / 0.408  # 0.408: measured std of unit white noise after that blur
     else:
         noise, scale = white, noise_sigma
     noisy += np.multiply(noise, np.float32(scale), out=noise)
 
-    masks = {
-        # 0/1 uint8 canvases reinterpreted as bool without a copy
-        "body": body_mask.view(bool),
-        "kidney": kidney_mask.view(bool),
-        "lesion": lesion_mask.view(bool),
-    }
     meta: dict[str, Any] = {
         "class_name": p.class_name,
         "site": site.name,
@@ -762,7 +784,7 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         "blur_mm": site.blur_mm,
         "patient_width_mm": round(p.width, 1),
         "fov_mm": site.fov_mm,
-        "pixel_mm": round(cv.px_mm, 4),
+        "pixel_mm": round(site.fov_mm / image_size, 4),
         "bowel_contrast": p.bowel_contrast,
         "n_phleboliths": n_phleb,
         "vessel_calcification": calcified,
@@ -776,6 +798,19 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
         masks=masks,
         meta=meta,
     )
+
+
+def _downsample_mask(mask: np.ndarray, size: int, keep_any: bool = False) -> np.ndarray:
+    """Area-average a 0/1 mask to ``size``; pixels at least half covered are in.
+
+    With ``keep_any`` a structure smaller than half a pixel keeps its most covered pixel, so
+    a tiny stone still has a non-empty lesion mask.
+    """
+    cover = cv2.resize(mask.astype(np.float32), (size, size), interpolation=cv2.INTER_AREA)
+    out = cover >= 0.5
+    if keep_any and not out.any() and cover.max() > 0:
+        out = cover == cover.max()
+    return out
 
 
 def _draw_lesions(
@@ -974,6 +1009,8 @@ class _Job:
     slices: int
     seed: tuple[int, ...]
     phase: str = "none"
+    level_u: float | None = None  # stratified position of the slice block (0-1)
+    width_u: float | None = None  # stratified patient width within the site's range (0-1)
 
 
 def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
@@ -991,7 +1028,9 @@ def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
                 jobs.append(_Job(name, s, f"P{pid:05d}", k, (seed, 2, pid)))
                 pid += 1
                 left -= k
-            _assign_phases([j for j in jobs if j.site == s], sites[s], rng)
+            cell = [j for j in jobs if j.site == s]
+            _assign_phases(cell, sites[s], rng)
+            _stratify(cell, rng)
         order = rng.permutation(len(jobs))  # interleave the sites' patients within a class
         plan[name] = [jobs[i] for i in order]
     return plan
@@ -1016,6 +1055,23 @@ def _assign_phases(jobs: list[_Job], site: SiteProfile, rng: np.random.Generator
         done[k] += jobs[i].slices
 
 
+def _stratify(jobs: list[_Job], rng: np.random.Generator) -> None:
+    """Latin-hypercube slice level and patient width for the patients of one (site, class) cell.
+
+    Slice level moves the mean grey level a lot (liver and spleen shrink towards the lower
+    pole). With ~100 patients per class, independent draws leave chance differences of 0.05
+    in mean level between classes, enough for a grey-level classifier to beat chance; one
+    draw per equal-probability stratum makes every class cover the range evenly.
+    """
+    m = len(jobs)
+    if m == 0:
+        return
+    levels = (rng.permutation(m) + rng.random(m)) / m
+    widths = (rng.permutation(m) + rng.random(m)) / m
+    for job, lu, wu in zip(jobs, levels, widths, strict=True):
+        job.level_u, job.width_u = float(lu), float(wu)
+
+
 def iter_patient_slices(
     job_seed: Sequence[int],
     class_name: str,
@@ -1023,19 +1079,27 @@ def iter_patient_slices(
     n_slices: int,
     image_size: int,
     phase: str | None = None,
+    level_u: float | None = None,
+    width_u: float | None = None,
 ) -> Iterator[PhantomSlice]:
     """Yield ``n_slices`` neighbouring slices (3-5 mm apart) of one synthetic patient.
 
     The anatomy, contrast phase and lesion are shared; noise differs per slice. ``phase``
-    (``none``, ``arterial``, ``portal``) overrides the site's random draw.
+    (``none``, ``arterial``, ``portal``) overrides the site's random draw; ``level_u`` and
+    ``width_u`` in [0, 1) place the slice block and the patient width within their ranges
+    (random when None).
     """
     if phase is not None and phase not in _PHASES:
         raise ValueError(f"phase must be one of {', '.join(_PHASES)}, got {phase!r}")
+    for name, u in (("level_u", level_u), ("width_u", width_u)):
+        if u is not None and not 0.0 <= u <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {u}")
     rng = np.random.default_rng(list(job_seed))
     step = float(rng.uniform(0.03, 0.045))  # 3-5 mm over a ~110 mm kidney
-    start = float(rng.uniform(0.12, 0.88 - step * (n_slices - 1)))
+    lo, hi = 0.12, 0.88 - step * (n_slices - 1)
+    start = lo + (hi - lo) * (float(rng.random()) if level_u is None else level_u)
     centre = start + step * (n_slices - 1) / 2
-    patient = _sample_patient(rng, _check_class(class_name), site, centre)
+    patient = _sample_patient(rng, _check_class(class_name), site, centre, width_u)
     if phase is not None:
         patient.phase = phase
     for i in range(n_slices):
@@ -1098,9 +1162,21 @@ def generate_dataset(
     try:
         for c, name in enumerate(CLASSES):
             k = 0
-            for job in plan[name]:
+            # like the real sample, file numbers run on across patients but jump now and then
+            # (a new scan series): index blocks then hold several patients, never split one
+            gaps = np.random.default_rng([seed, 3, c])
+            for j, job in enumerate(plan[name]):
+                if j and gaps.random() < SERIES_BREAK_PROB:
+                    k += int(gaps.integers(20, 200))
                 slices = iter_patient_slices(
-                    job.seed, name, profiles[job.site], job.slices, image_size, job.phase
+                    job.seed,
+                    name,
+                    profiles[job.site],
+                    job.slices,
+                    image_size,
+                    job.phase,
+                    job.level_u,
+                    job.width_u,
                 )
                 for i, sl in enumerate(slices):
                     k += 1
@@ -1149,20 +1225,19 @@ def _clear_previous(out: Path) -> None:
     other images (real data, say) is refused rather than mixed with synthetic ones.
     """
     meta = out / "phantom_metadata.csv"
+    root = out.resolve()
     if meta.is_file():
         with meta.open(newline="") as fh:
-            ids = [
-                (r["image_id"], r["path"])
-                for r in csv.DictReader(fh)
-                if r.get("image_id") and r.get("path") and ".." not in r["path"]
-            ]
+            ids = [(r["image_id"], r["path"]) for r in csv.DictReader(fh) if r.get("path")]
         for image_id, rel in ids:
             for f in (
                 out / rel,
                 out / "clean" / f"{image_id}.png",
                 *(out / "masks" / f"{image_id}_{k}.png" for k in ("body", "kidney", "lesion")),
             ):
-                f.unlink(missing_ok=True)
+                # a hand-edited csv must not delete anything outside the dataset folder
+                if f.resolve().is_relative_to(root) and f.parent.resolve() != root:
+                    f.unlink(missing_ok=True)
     for c in CLASSES:
         folder = out / c
         if folder.is_dir() and any(folder.iterdir()):

@@ -41,7 +41,14 @@ GLOBAL_FILE = "global.safetensors"
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config (see :data:`task.DEFAULTS`)."""
     cfg = task.run_config(context.run_config)
-    run_federation(grid, cfg)
+    run_federation(_guard_nodes(grid, cfg), cfg)
+
+
+def _guard_nodes(grid: Grid, cfg: Mapping[str, Any]) -> Grid:
+    """Fail after ``node-timeout`` s with too few nodes instead of waiting forever (fedpriv)."""
+    from kidneyscan.federated.deploy import NodeDeadlineGrid
+
+    return NodeDeadlineGrid(grid, int(cfg["min-clients"]), float(cfg.get("node-timeout", 300.0)))
 
 
 def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
