@@ -509,3 +509,24 @@ def test_settings_from_environment():
     assert cfg.rate_limit == 0 and cfg.refer_threshold == 0.8 and cfg.backend == "torch"
     with pytest.raises(ValueError, match="KIDNEYSCAN_MAX_PIXELS"):
         ServeConfig.from_env({"KIDNEYSCAN_MAX_PIXELS": "lots"})
+
+
+@pytest.mark.slow
+def test_onnx_backend_serves_the_same_probabilities(client, ckpt):
+    # Prepare: the same checkpoint behind the perf area's ONNX Runtime backend.
+    pytest.importorskip("onnxruntime")
+    onnx_client = create_app(
+        ServeConfig(checkpoint=ckpt, backend="onnx", rate_limit=0)
+    ).test_client()
+    # Execute
+    torch_res = client.post("/api/v1/predict", data=multipart(PNG)).get_json()
+    onnx_res = onnx_client.post("/api/v1/predict", data=multipart(PNG)).get_json()
+    explained = onnx_client.post("/api/v1/explain", data=multipart(PNG))
+    # Assert
+    assert onnx_res["model"]["backend"].startswith("onnx")
+    assert torch_res["model"]["backend"] == "torch"
+    for c in CLASSES:
+        assert onnx_res["results"][0]["probabilities"][c] == pytest.approx(
+            torch_res["results"][0]["probabilities"][c], abs=1e-4
+        )
+    assert explained.status_code == 200  # Grad-CAM still runs on the torch model
