@@ -283,6 +283,7 @@ def test_ready_is_503_while_model_cannot_load(tmp_path, ckpt):
     assert ready.status_code == 503 and ready.get_json()["status"] == "failed"
     assert "SHA-256" in ready.get_json()["reason"]
     _error(predict, 503)
+    assert predict.headers["Retry-After"] == "5"
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
