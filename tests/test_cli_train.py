@@ -256,10 +256,24 @@ def test_help_texts() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
+def test_central_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     res = runner.invoke(
-        app, ["demo", "--out", str(out), "--n", "56", "--epochs", "1", "--threads", "1"]
+        app,
+        [
+            "demo",
+            "--central",
+            "--out",
+            str(out),
+            "--n",
+            "56",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--threads",
+            "1",
+        ],
     )
     assert res.exit_code == 0, res.output + repr(res.exception)
     meta = json.loads((out / "checkpoint" / "metadata.json").read_text())
@@ -269,7 +283,21 @@ def test_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
     # A second demo run reuses the generated phantom.
     stamp = (out / "data" / ".demo.json").stat().st_mtime
     res = runner.invoke(
-        app, ["demo", "--out", str(out), "--n", "56", "--epochs", "1", "--threads", "1"]
+        app,
+        [
+            "demo",
+            "--central",
+            "--out",
+            str(out),
+            "--n",
+            "56",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--threads",
+            "1",
+        ],
     )
     assert res.exit_code == 0 and (out / "data" / ".demo.json").stat().st_mtime == stamp
 

@@ -142,6 +142,8 @@ def _fmt(x: Any, digits: int = 3) -> str:
         return "n/a"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10000:
+        return f"{x:,}"
     return str(x)
 
 
