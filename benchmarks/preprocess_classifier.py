@@ -129,6 +129,10 @@ def main() -> None:
         datasets["phantom"] = root
     if (args.real / "kidneyData.csv").is_file():
         datasets["ct-kidney"] = args.real
+    else:
+        print(f"real data not found at {args.real} (no kidneyData.csv): skipped", flush=True)
+    if not datasets:
+        raise SystemExit("nothing to run: --phantom-n 0 and no real data")
     results: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}}
     for name, root in datasets.items():
         samples = scan_dataset(root)

@@ -81,3 +81,17 @@ def test_bad_step_parameters_name_the_problem(image: np.ndarray) -> None:
         Preprocessor(steps=[{"name": "median", "size": 4}]).image(image)
     with pytest.raises(ValueError, match="unknown CT window"):
         Preprocessor(steps=[{"name": "window", "window": "brain-ish"}]).image(image)
+
+
+def test_fresh_process_knows_every_step() -> None:
+    # The service rebuilds the pipeline in a process that imported nothing else: every step
+    # must be registered by the pipeline module alone.
+    import subprocess
+    import sys
+
+    code = (
+        "from kidneyscan.preprocess.pipeline import STEPS, Preprocessor; Preprocessor(); "
+        "print(' '.join(sorted(STEPS)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert set(out.stdout.split()) >= EXPECTED_STEPS

@@ -321,7 +321,11 @@ def demo(
     image_size: int = typer.Option(64, "--image-size", help="Model input side in pixels."),
     rounds: int = typer.Option(4, "--rounds", min=1, help="Federated rounds."),
     local_epochs: int = typer.Option(
-        2, "--local-epochs", min=1, help="Local epochs per hospital and round."
+        2,
+        "--epochs",
+        "--local-epochs",
+        min=1,
+        help="Local epochs per hospital and round (with --central: epochs x rounds in total).",
     ),
     seed: int = typer.Option(0, "--seed", help="Random seed (phantom and training)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),

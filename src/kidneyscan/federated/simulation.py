@@ -223,7 +223,7 @@ def demo_federated(
         out,
         num_clients=sites,
         partitioning="site",
-        min_samples=8,
+        min_samples=4,
         test_fraction=0.2,
         local_val_fraction=0.15,
         seed=seed,
