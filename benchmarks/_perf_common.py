@@ -14,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+#: Where results go; ``run_all.py --quick`` points this elsewhere so a smoke run does not
+#: overwrite the committed results.
+RESULTS = Path(
+    os.environ.get("KIDNEYSCAN_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 
 
 def _real_data() -> Path:

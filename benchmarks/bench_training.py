@@ -96,7 +96,13 @@ def speed(args: argparse.Namespace) -> dict[str, Any]:
     def cached_step(_x: torch.Tensor, _y: torch.Tensor) -> float:
         return train_epoch_cached(split, cache, opt, loss_fn, batch_size=args.batch)["loss"]
 
+    def cached_bf16_step(_x: torch.Tensor, _y: torch.Tensor) -> float:
+        return train_epoch_cached(split, cache, opt, loss_fn, batch_size=args.batch, bf16=True)[
+            "loss"
+        ]
+
     steps["cached features (epochs after the first)"] = cached_step
+    steps["cached features + bf16 (epochs after the first)"] = cached_bf16_step
     fns = {k: (lambda fn=fn: fn(x, y)) for k, fn in steps.items()}
     times = interleaved(fns, reps=args.steps, warmup=1)
     med = {k: float(np.median(v["cpu"])) for k, v in times.items()}

@@ -4,7 +4,8 @@ README's performance section) plus ``performance.png``.
 Usage::
 
     python benchmarks/run_all.py            # run every bench_*.py, then assemble
-    python benchmarks/run_all.py --quick    # fewer repetitions (a smoke run, minutes)
+    python benchmarks/run_all.py --quick    # smoke run: 96 px, few repetitions, written to
+                                            # a temporary folder (committed results untouched)
     python benchmarks/run_all.py --assemble-only   # rebuild the page from existing results
 
 Each script runs in its own process, one after the other (never in parallel: they would
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,14 +27,17 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SCRIPTS = ("bench_inference", "bench_training", "bench_service")
 QUICK = {
-    "bench_inference": ["--reps", "4", "2", "--calibration", "16", "--validation", "32"],
-    "bench_training": ["--steps", "2", "--acc-epochs", "2"],
-    "bench_service": ["--requests", "8", "--explain-requests", "4", "--fed-images", "16"],
-}
+    "bench_inference": ["--size", "96", "--reps", "3", "2", "--calibration", "8",
+                        "--validation", "16"],
+    "bench_training": ["--size", "96", "--steps", "2", "--acc-epochs", "1", "--acc-train", "32",
+                       "--acc-val", "16"],
+    "bench_service": ["--size", "96", "--requests", "4", "--explain-requests", "2",
+                      "--fed-images", "8"],
+}  # fmt: skip
 
 
 def plot(path: Path) -> Path | None:
-    """Bar chart of inference images/s per variant (batch 16) from bench_inference.json."""
+    """Bar chart of inference images per CPU-second per variant from bench_inference.json."""
     src = RESULTS / "bench_inference.json"
     if not src.is_file():
         return None
@@ -52,7 +58,7 @@ def plot(path: Path) -> Path | None:
             ax.bar_label(bars, fmt="%.1f", fontsize=7)
             ax.set_xticks([j + width * (len(data) - 1) / 2 for j in range(len(variants))])
             ax.set_xticklabels(variants, fontsize=8)
-        ax.set_title(f"batch {batch}, 224 px")
+        ax.set_title(f"batch {batch}")
         ax.set_ylabel("images per CPU-second (1 thread)")
         ax.legend(fontsize=8)
     fig.suptitle("CPU inference throughput, 1 thread (median; shared machine)")
@@ -73,6 +79,7 @@ def assemble() -> Path:
         "",
     ]
     if plot(RESULTS / "performance.png"):
+        # Path relative to the repository root: the lead includes this page in the README.
         parts += ["![CPU inference throughput](benchmarks/results/performance.png)", ""]
     for name in SCRIPTS:
         md = RESULTS / f"{name}.md"
@@ -91,13 +98,17 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=SCRIPTS, help="run only these scripts")
     ap.add_argument("--assemble-only", action="store_true", help="do not run, only assemble")
     args = ap.parse_args()
+    global RESULTS
+    if args.quick:
+        RESULTS = Path(tempfile.mkdtemp(prefix="kidneyscan-bench-quick-"))
+    env = dict(os.environ, KIDNEYSCAN_BENCH_RESULTS=str(RESULTS))
     failed = []
     if not args.assemble_only:
         for name in args.only or SCRIPTS:
             cmd = [sys.executable, str(HERE / f"{name}.py"), *(QUICK[name] if args.quick else [])]
             print(f"== {' '.join(cmd[1:])}", flush=True)
             t0 = time.perf_counter()
-            rc = subprocess.call(cmd)
+            rc = subprocess.call(cmd, env=env)
             print(f"== {name}: exit {rc} after {time.perf_counter() - t0:.0f} s", flush=True)
             if rc:
                 failed.append(name)
