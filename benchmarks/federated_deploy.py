@@ -45,6 +45,33 @@ def epsilon_table(rounds: tuple[int, ...] = (1, 5, 10, 20, 50)) -> list[dict[str
     return rows
 
 
+def plot_epsilon(path: Path, max_rounds: int = 50) -> Path:
+    """Epsilon vs rounds for each noise multiplier, q = 1 and q = 0.3 side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = list(range(1, max_rounds + 1))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, (q, title) in zip(
+        axes, ((1.0, "3 of 3 hospitals per round"), (0.3, "3 of 10")), strict=True
+    ):
+        for sigma in (0.5, 1.0, 2.0, 4.0):
+            acc = PrivacyAccountant(sigma, q, 1e-5)
+            ax.plot(rounds, [acc.epsilon_after(n) for n in rounds], label=f"sigma = {sigma}")
+        ax.set_title(f"{title} (q = {q:g})")
+        ax.set_xlabel("rounds")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("epsilon at delta = 1e-5 (hospital-level)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def deployment(workdir: Path, rounds: int) -> dict[str, Any]:
     """Smoke app on TLS + auth loopback federation; timings and bytes."""
     app = deploy.write_smoke_app(workdir / "app")
@@ -131,6 +158,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## Epsilon after N rounds (Opacus RDP accountant, delta = 1e-5, unit = one hospital)",
         "",
+        "![epsilon vs rounds](federated_epsilon.png)",
+        "",
     ]
     table = report["epsilon"]
     keys = [k for k in table[0] if k.startswith("eps@")]
@@ -185,6 +214,7 @@ def main() -> None:
             report["deployment"] = deployment(Path(tmp) / "deploy", args.rounds)
             report["dropout"] = dropout(Path(tmp) / "dropout")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    plot_epsilon(RESULTS / "federated_epsilon.png")
     (RESULTS / "federated_deploy.json").write_text(json.dumps(report, indent=2, default=str))
     (RESULTS / "federated_deploy.md").write_text(markdown(report))
     print(markdown(report))

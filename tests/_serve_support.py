@@ -12,8 +12,26 @@ CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
 TEMPERATURE = 1.5
 
 
-def make_checkpoint(out: Path, *, image_size: int = 64, temperature: float = TEMPERATURE) -> Path:
-    """Save a randomly initialised convnext_atto (4 classes, 64 px) as a KidneyScan checkpoint."""
+#: A tiny hybrid (ConvNeXt-atto backbone + one Transformer layer) at 64 px, backbone frozen.
+HYBRID = {
+    "backbone": "convnext_atto",
+    "image_size": 64,
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 2,
+    "freeze_fraction": 1.0,
+}
+
+
+def make_checkpoint(
+    out: Path,
+    *,
+    image_size: int = 64,
+    temperature: float = TEMPERATURE,
+    name: str = "convnext_atto",
+    kwargs: dict | None = None,
+) -> Path:
+    """Save a randomly initialised classifier (4 classes, 64 px) as a KidneyScan checkpoint."""
     import torch
 
     from kidneyscan.models.checkpoint import save_checkpoint
@@ -21,9 +39,10 @@ def make_checkpoint(out: Path, *, image_size: int = 64, temperature: float = TEM
     from kidneyscan.preprocess.pipeline import Preprocessor
 
     torch.manual_seed(0)
-    model = create_classifier("convnext_atto", len(CLASSES))
+    kwargs = dict(kwargs or {})
+    model = create_classifier(name, len(CLASSES), **kwargs)
     meta = {
-        "model": {"name": "convnext_atto", "kwargs": {}},
+        "model": {"name": name, "kwargs": kwargs},
         "classes": CLASSES,
         "preprocessing": Preprocessor(image_size=image_size).to_dict(),
         "temperature": temperature,

@@ -7,6 +7,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny test models gain nothing from intra-op threads, and on a 2-core machine extra threads
+# (also in the Flower and server subprocesses, which inherit the environment) only spin.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +26,14 @@ def _find_real_data() -> Path:
 
 
 REAL_DATA = _find_real_data()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread() -> None:
+    """Pin torch to one intra-op thread for the whole suite (see OMP_NUM_THREADS above)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -224,8 +224,11 @@ def test_ensemble_of_two_checkpoints(data_dir: Path, hybrid_run: Path, tmp_path:
         for d in (hybrid_run, other)
     ]
     assert w.sum() == pytest.approx(1.0)
-    assert w == pytest.approx(np.maximum(f1s, 1e-6) / np.maximum(f1s, 1e-6).sum())
+    assert w == pytest.approx(np.array(f1s) / np.sum(f1s))
     assert len(m["ensemble"]["member_macro_f1"]) == 2
+    # Each member alone, evaluated the same way, gives the macro-F1 the ensemble reports.
+    solo = json.loads((hybrid_run / "metrics.json").read_text())
+    assert m["ensemble"]["member_macro_f1"][0] == pytest.approx(solo["macro"]["f1"])
 
 
 @pytest.mark.parametrize(
@@ -250,3 +253,83 @@ def test_help_texts() -> None:
     for cmd in ("train", "evaluate", "ensemble", "compare", "demo"):
         res = runner.invoke(app, [cmd, "--help"])
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+@pytest.mark.slow
+def test_central_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    res = runner.invoke(
+        app,
+        [
+            "demo",
+            "--central",
+            "--out",
+            str(out),
+            "--n",
+            "56",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--threads",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    meta = json.loads((out / "checkpoint" / "metadata.json").read_text())
+    assert meta["model"]["name"] == "hybrid"
+    assert (out / "report.md").is_file() and (out / "data" / "kidneyData.csv").is_file()
+    assert "macro-F1" in res.output
+    # A second demo run reuses the generated phantom.
+    stamp = (out / "data" / ".demo.json").stat().st_mtime
+    res = runner.invoke(
+        app,
+        [
+            "demo",
+            "--central",
+            "--out",
+            str(out),
+            "--n",
+            "56",
+            "--rounds",
+            "1",
+            "--local-epochs",
+            "1",
+            "--threads",
+            "1",
+        ],
+    )
+    assert res.exit_code == 0 and (out / "data" / ".demo.json").stat().st_mtime == stamp
+
+
+@pytest.mark.slow
+def test_evaluate_all_images_without_split(hybrid_run: Path, data_dir: Path) -> None:
+    res = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(hybrid_run / "checkpoint"),
+            "--data",
+            str(data_dir),
+            "--bootstrap",
+            "0",
+        ],
+    )
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "on all (56 images)" in res.output.replace("\n", " ")
+    bad = runner.invoke(
+        app,
+        [
+            "evaluate",
+            "--checkpoint",
+            str(hybrid_run / "checkpoint"),
+            "--data",
+            str(data_dir),
+            "--split",
+            str(hybrid_run / "split.csv"),
+            "--subset",
+            "holdout",
+        ],
+    )
+    assert bad.exit_code != 0 and "subset" in bad.output

@@ -283,11 +283,13 @@ def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
     assert train_paths.isdisjoint(str(s.path) for s in test)
     split = load_split(out / "split.csv")  # the standard split file, for `kidneyscan evaluate`
     assert {str(s.path) for s in split["test"]} == {str(s.path) for s in test}
+    assert {str(s.path) for s in split["train"] + split["val"]} == train_paths
     assert [{s.site for s in p} for p in parts] == [{"site0"}, {"site1"}, {"site2"}]
     for c in history[0]["clients"]:
         part = parts[c["partition-id"]]
-        expected, _ = task.split_local(part, float(local_val), 0)
+        expected, held_out = task.split_local(part, float(local_val), 0)
         assert c["num-examples"] == len(expected)
+        assert {str(s.path) for s in held_out} <= {str(s.path) for s in split["val"]}
 
 
 @pytest.mark.slow
@@ -309,3 +311,40 @@ def test_resume_continues_from_the_last_global_state(federated_run: tuple) -> No
     assert after[:2] == before  # earlier rounds kept, not re-run
     assert state["completed_round"] == 3
     assert any(not np.array_equal(named_before[k], named_after[k]) for k in named_before)
+
+
+@pytest.mark.slow
+def test_dp_run_stops_before_the_epsilon_budget(phantom_dir: Path, tmp_path: Path) -> None:
+    from kidneyscan.data.datasets import scan_dataset
+    from kidneyscan.federated.privacy import PrivacyAccountant
+    from kidneyscan.federated.simulation import prepare_run, simulate
+
+    sigma, delta = 1.0, 1e-5
+    acc = PrivacyAccountant(sigma, 1.0, delta)
+    budget = (acc.epsilon_after(2) + acc.epsilon_after(3)) / 2  # affords 2 of 4 rounds
+    out = tmp_path / "dp"
+    prepared = prepare_run(scan_dataset(phantom_dir), out, num_clients=2, partitioning="iid")
+    cfg = {
+        "model": "small_cnn",
+        "image-size": 32,
+        "batch-size": 8,
+        "num-server-rounds": 4,
+        "out-dir": str(out),
+        "partition-file": prepared["partition-file"],
+        "test-file": prepared["test-file"],
+        "num-clients": 2,
+        "dp": "server-fixed",
+        "dp-noise-multiplier": sigma,
+        "dp-clipping-norm": 1.0,
+        "dp-delta": delta,
+        "dp-epsilon-budget": budget,
+    }
+
+    summary = simulate(cfg, num_clients=2)
+
+    history = json.loads((out / "curves.json").read_text())
+    eps = [r["dp-epsilon"] for r in history]
+    assert summary["completed_round"] == 2
+    assert "privacy budget" in summary["stopped_reason"]
+    assert eps == sorted(eps) and eps[-1] <= budget
+    assert eps[-1] == pytest.approx(acc.epsilon_after(2), rel=1e-6)

@@ -50,6 +50,30 @@ def test_make_certs_rejects_bad_arguments(tmp_path: Path) -> None:
         deploy.make_certs(tmp_path, num_node_keys=-1)
 
 
+@pytest.mark.parametrize("kind", ["smoke", "smoke-secagg", "kidneyscan-secagg"])
+def test_app_directories_are_valid_flower_apps(tmp_path: Path, kind: str) -> None:
+    import tomllib
+
+    from flwr.common.config import validate_config
+
+    if kind == "kidneyscan-secagg":
+        app = deploy.write_kidneyscan_secagg_app(tmp_path)
+    else:
+        app = deploy.write_smoke_app(tmp_path, secagg=kind == "smoke-secagg")
+    config = tomllib.loads((app / "pyproject.toml").read_text())
+    ok, errors, _ = validate_config(config, check_module=True, project_dir=str(app))
+    assert ok, errors
+    run_config = config["tool"]["flwr"]["app"]["config"]
+    assert ("secagg-timeout" in run_config) == kind.endswith("secagg")
+
+
+def test_run_config_parser() -> None:
+    parsed = deploy._parse_run_config("num-server-rounds=3 dp='client-fixed' lr=0.5 x=word")
+    assert parsed == {"num-server-rounds": 3, "dp": "client-fixed", "lr": 0.5, "x": "word"}
+    with pytest.raises(ValueError, match="not key=value"):
+        deploy._parse_run_config("rounds")
+
+
 @pytest.mark.slow
 def test_superlink_and_three_supernodes_tls_auth_two_rounds(tmp_path: Path) -> None:
     # Prepare

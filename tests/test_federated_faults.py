@@ -93,3 +93,26 @@ def test_supernode_killed_mid_round_others_finish(
     assert "dropped out" in outcome.output
     assert result["accuracy"]["2"] > result["accuracy"]["0"]
     assert not victim.alive()
+
+
+class _FakeGrid:
+    def __init__(self, counts: list[int]) -> None:
+        self.counts = counts
+
+    def get_node_ids(self) -> list[int]:
+        n = self.counts.pop(0) if len(self.counts) > 1 else self.counts[0]
+        return list(range(n))
+
+
+def test_node_deadline_grid_resets_and_raises() -> None:
+    # Enough nodes, then a short dip (recovers), then too few for longer than the deadline.
+    grid = deploy.NodeDeadlineGrid(_FakeGrid([3, 1, 3, 1]), min_nodes=2, timeout_s=0.3)
+    assert len(list(grid.get_node_ids())) == 3
+    assert len(list(grid.get_node_ids())) == 1  # starts the clock
+    assert len(list(grid.get_node_ids())) == 3  # recovered: clock reset
+    assert len(list(grid.get_node_ids())) == 1
+    time.sleep(0.4)
+    with pytest.raises(deploy.NodesUnavailableError, match="only 1 of the minimum 2"):
+        grid.get_node_ids()
+    with pytest.raises(ValueError, match="min_nodes"):
+        deploy.NodeDeadlineGrid(_FakeGrid([1]), min_nodes=0, timeout_s=1)

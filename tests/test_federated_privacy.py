@@ -174,3 +174,49 @@ def test_dp_run_stops_before_the_budget(tmp_path: Path) -> None:
     assert eps[0] < eps[1] <= budget < reference.epsilon_after(3)
     assert result["train_metrics"]["2"]["dp-epsilon"] == pytest.approx(eps[1])
     assert all(r["replies"] == 3 and not r["failed"] for r in result["rounds"])
+
+
+class _FakeDP:
+    """Stands in for a Flower DP wrapper: releases an aggregate or skips the round."""
+
+    def __init__(self, release: list[bool]) -> None:
+        self.release = release
+        self.configured: list[int] = []
+
+    def configure_train(self, server_round, arrays, config, grid):  # type: ignore[no-untyped-def]
+        self.configured.append(server_round)
+        return ["message"]
+
+    def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+        from flwr.app import ArrayRecord, MetricRecord
+
+        if self.release.pop(0):
+            return ArrayRecord(), MetricRecord({"train-loss": 1.0})
+        return None, None  # e.g. one error reply: Flower's DP wrappers skip aggregation
+
+
+def test_skipped_round_costs_nothing_and_exhausted_budget_sends_nothing() -> None:
+    # Prepare: budget fits exactly 2 released rounds.
+    reference = PrivacyAccountant(1.0, 1.0, 1e-5)
+    budget = (reference.epsilon_after(2) + reference.epsilon_after(3)) / 2
+    accountant = PrivacyAccountant(1.0, 1.0, 1e-5, epsilon_budget=budget)
+    inner = _FakeDP([True, False, True])
+    seen: list[tuple[int, float]] = []
+    strategy = privacy.budgeted_strategy_class()(
+        inner, accountant, lambda r, e, d: seen.append((r, e))
+    )
+
+    # Execute: round 2 releases nothing; round 4 would exceed the budget.
+    out = []
+    for rnd in (1, 2, 3):
+        assert strategy.configure_train(rnd, None, None, None) == ["message"]
+        out.append(strategy.aggregate_train(rnd, ["reply"]))
+    fourth = strategy.configure_train(4, None, None, None)
+
+    # Assert
+    assert accountant.rounds == 2
+    assert [r for r, _ in seen] == [1, 3]
+    assert out[0][1]["dp-epsilon"] == pytest.approx(reference.epsilon_after(1))
+    assert out[1] == (None, None)
+    assert out[2][1]["dp-epsilon"] == pytest.approx(reference.epsilon_after(2))
+    assert fourth == [] and inner.configured == [1, 2, 3]

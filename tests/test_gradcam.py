@@ -93,3 +93,27 @@ def test_png_bytes_round_trip_without_metadata():
     im = Image.open(io.BytesIO(png_bytes(arr)))
     np.testing.assert_array_equal(np.asarray(im), arr)
     assert im.info == {}
+
+
+def test_hybrid_checkpoint_is_served_and_explained(tmp_path):
+    # Prepare: the project's hybrid with a fully frozen backbone, saved as a checkpoint.
+    import base64
+
+    from _serve_support import HYBRID, ct_like, encode, make_checkpoint, multipart
+    from kidneyscan.serve import ServeConfig, create_app
+
+    ckpt = make_checkpoint(tmp_path / "hybrid", name="hybrid", kwargs=HYBRID)
+    client = create_app(ServeConfig(checkpoint=ckpt, rate_limit=0)).test_client()
+    png = encode(ct_like(80))
+    # Execute
+    maps = {}
+    for cls in ("Cyst", "Tumor"):
+        resp = client.post("/api/v1/explain", data={**multipart(png), "target_class": cls})
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        maps[cls] = resp.get_json()["results"][0]["explanation"]
+    # Assert: Grad-CAM on the backbone's last ConvNeXt stage, heatmap depends on the class.
+    assert maps["Cyst"]["layer"] == "backbone.stages.3"
+    pngs = [base64.b64decode(m["heatmap_png"]) for m in maps.values()]
+    heat = [np.asarray(Image.open(io.BytesIO(p))) for p in pngs]
+    assert heat[0].shape == (64, 64, 4)
+    assert np.abs(heat[0].astype(int) - heat[1].astype(int)).mean() > 0.5

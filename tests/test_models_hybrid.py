@@ -11,6 +11,16 @@ from kidneyscan.models.factory import create_classifier, trainable_state_keys
 from kidneyscan.models.hybrid import HybridConvNeXtViT
 from kidneyscan.models.weights import backbone_units, freeze_backbone
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    # 2 shared cores: torch's default intra-op threads spin and multiply CPU time several-fold.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 TINY = {"backbone": "convnext_atto", "image_size": 64, "embed_dim": 64, "depth": 1, "num_heads": 8}
 
 
@@ -38,7 +48,7 @@ def test_encoder_sees_spatial_tokens(tiny_hybrid: HybridConvNeXtViT) -> None:
     tokens = tiny_hybrid.tokens(torch.randn(2, 3, 64, 64))
     assert tiny_hybrid.grid_size == (2, 2)
     assert tokens.shape == (2, 4, 64)
-    assert tiny_hybrid.pos_embed.shape == (1, 4, 64)
+    assert tiny_hybrid.pos_embed.weight.shape == (1, 4, 64)
 
 
 def test_default_geometry_is_49_tokens_of_768() -> None:
@@ -46,7 +56,7 @@ def test_default_geometry_is_49_tokens_of_768() -> None:
     # only read the configured geometry from a real (untrained) model.
     model = HybridConvNeXtViT(4, depth=1)
     assert model.grid_size == (7, 7)
-    assert model.pos_embed.shape == (1, 49, 768)
+    assert model.pos_embed.weight.shape == (1, 49, 768)
     assert model.blocks[0].attn.num_heads == 8
 
 
@@ -86,7 +96,7 @@ def test_freeze_fraction_counts_backbone_blocks(caplog: pytest.LogCaptureFixture
     # The new parts always train.
     for part in (model.proj, model.blocks, model.norm, model.head):
         assert all(p.requires_grad for p in part.parameters())
-    assert model.pos_embed.requires_grad
+    assert model.pos_embed.weight.requires_grad
     assert "parameters trainable" in caplog.text
 
 
@@ -128,7 +138,7 @@ def test_trainable_state_keys_are_stable() -> None:
     b = create_classifier("hybrid", 4, **TINY)
     keys = trainable_state_keys(a)
     assert keys == trainable_state_keys(b)
-    assert "head.weight" in keys and "pos_embed" in keys
+    assert "head.weight" in keys and "pos_embed.weight" in keys
     assert not any(k.startswith("backbone.stem") for k in keys)
 
 
@@ -147,3 +157,26 @@ def test_bad_options_raise_clear_errors(kwargs: dict, message: str) -> None:
     opts = {**TINY, **kwargs}
     with pytest.raises(ValueError, match=message):
         HybridConvNeXtViT(4, **opts)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # Opacus hooks; the stem input
+@pytest.mark.parametrize("freeze", [0.8, 0.0])
+def test_opacus_per_sample_gradients_cover_every_trainable_parameter(freeze: float) -> None:
+    # DP-SGD (federated area) needs a per-sample gradient for each trainable tensor.
+    opacus = pytest.importorskip("opacus")
+    from opacus.validators import ModuleValidator
+
+    # Prepare
+    torch.manual_seed(0)
+    model = HybridConvNeXtViT(4, **TINY, freeze_fraction=freeze, dropout=0.0)
+    assert ModuleValidator.validate(model, strict=False) == []
+    gsm = opacus.GradSampleModule(model, loss_reduction="sum")
+    # Execute
+    logits = gsm(torch.randn(3, 3, 64, 64))
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2]), reduction="sum").backward()
+    # Assert: per-sample gradients exist and add up to the batch gradient
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad_sample is not None, name
+            assert p.grad_sample.shape == (3, *p.shape), name
+            torch.testing.assert_close(p.grad_sample.sum(0), p.grad, atol=1e-5, rtol=1e-3)

@@ -36,6 +36,17 @@ def app(ckpt: Path):
     return create_app(ServeConfig(checkpoint=ckpt, rate_limit=0))
 
 
+@pytest.fixture(scope="module")
+def make_client(app, ckpt: Path):
+    """Apps with other settings, sharing the loaded predictor (loading is the slow part)."""
+
+    def make(**settings):
+        cfg = ServeConfig(checkpoint=ckpt, **{"rate_limit": 0, **settings})
+        return create_app(cfg, predictor=get_state(app).predictor).test_client()
+
+    return make
+
+
 @pytest.fixture
 def client(app):
     return app.test_client()
@@ -196,10 +207,18 @@ def test_explain_requested_class_changes_heatmap(client):
     assert maps["Cyst"]["heatmap_png"] != maps["tumor"]["heatmap_png"]
 
 
-@pytest.mark.parametrize("field,value", [("target_class", "Kidney"), ("alpha", "2")])
+@pytest.mark.parametrize(
+    "field,value", [("target_class", "Kidney"), ("target_class", "7"), ("alpha", "2")]
+)
 def test_explain_rejects_bad_options(client, field, value):
     err = _error(client.post("/api/v1/explain", data={**multipart(PNG), field: value}), 400)
     assert field.split("_")[0] in err["message"]
+
+
+@pytest.mark.parametrize("value", [[1], 9, True, {"c": 1}, 0.5])
+def test_explain_rejects_bad_json_target_class(client, value):
+    body = {"image": base64.b64encode(PNG).decode(), "target_class": value}
+    _error(client.post("/api/v1/explain", json=body), 400)
 
 
 # -- model card, openapi, health ---------------------------------------------------------------
@@ -264,6 +283,7 @@ def test_ready_is_503_while_model_cannot_load(tmp_path, ckpt):
     assert ready.status_code == 503 and ready.get_json()["status"] == "failed"
     assert "SHA-256" in ready.get_json()["reason"]
     _error(predict, 503)
+    assert predict.headers["Retry-After"] == "5"
 
 
 def test_missing_checkpoint_says_how_to_make_one(tmp_path):
@@ -305,9 +325,10 @@ def test_index_page_has_upload_disclaimer_and_local_assets(client):
         (PNG[: len(PNG) // 2], 400, "corrupt_image"),
         (JPEG[:200], 400, "corrupt_image"),
         (png_with_size(50_000, 50_000), 413, "image_too_large"),
+        (png_with_size(5_000, 5_000), 413, "image_too_large"),
         (encode(ct_like(8)), 422, "image_too_small"),
     ],
-    ids=["empty", "text", "gif", "truncated-png", "truncated-jpeg", "pixel-bomb", "tiny"],
+    ids=["empty", "text", "gif", "truncated-png", "truncated-jpeg", "bomb", "5000px", "tiny"],
 )
 def test_bad_files_get_4xx_json(client, data, status, code):
     err = _error(client.post("/api/v1/predict", data=multipart(data)), status)
@@ -322,7 +343,9 @@ def test_pixel_limit_is_checked_before_decoding(client, monkeypatch):
         raise AssertionError("pixel data was decoded")
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", boom)
-    _error(client.post("/api/v1/predict", data=multipart(png_with_size(50_000, 50_000))), 413)
+    for side in (50_000, 5_000):
+        err = _error(client.post("/api/v1/predict", data=multipart(png_with_size(side, side))), 413)
+        assert "before decoding" in err["message"]
 
 
 def test_second_bad_file_is_named(client):
@@ -355,16 +378,14 @@ def test_malformed_requests_get_4xx_json(client, kwargs, status):
     _error(client.post("/api/v1/predict", **kwargs), status)
 
 
-def test_too_many_files_is_413(ckpt):
-    client = create_app(ServeConfig(checkpoint=ckpt, max_files=2, rate_limit=0)).test_client()
+def test_too_many_files_is_413(make_client):
+    client = make_client(max_files=2)
     err = _error(client.post("/api/v1/predict", data=multipart(PNG, PNG, PNG)), 413)
     assert "at most 2" in err["message"]
 
 
-def test_request_over_max_content_length_is_413_json(ckpt):
-    client = create_app(
-        ServeConfig(checkpoint=ckpt, max_upload_mb=0.01, rate_limit=0)
-    ).test_client()
+def test_request_over_max_content_length_is_413_json(make_client):
+    client = make_client(max_upload_mb=0.01)
     big = encode((np.random.default_rng(0).random((200, 200)) * 255).astype(np.uint8))
     assert len(big) > 0.01 * 1048576
     err = _error(client.post("/api/v1/predict", data=multipart(big)), 413)
@@ -396,9 +417,9 @@ def test_uploads_are_never_spooled_to_disk(client, monkeypatch):
     assert client.post("/api/v1/predict", data=multipart(big)).status_code == 200
 
 
-def test_internal_errors_are_json_without_details(ckpt, caplog):
+def test_internal_errors_are_json_without_details(app, ckpt, caplog):
     # Prepare: a route that fails like a bug would.
-    app = create_app(ServeConfig(checkpoint=ckpt, rate_limit=0))
+    app = create_app(ServeConfig(checkpoint=ckpt, rate_limit=0), predictor=get_state(app).predictor)
 
     def broken():
         raise KeyError("secret detail")
@@ -423,10 +444,10 @@ def test_no_debug_and_security_headers(app, client):
 
 
 # -- auth and rate limit ----------------------------------------------------------------------
-def test_bearer_token_required_when_configured(ckpt):
+def test_bearer_token_required_when_configured(make_client):
     # Prepare
     token = "s3cret-token-for-tests-0123"
-    client = create_app(ServeConfig(checkpoint=ckpt, api_token=token, rate_limit=0)).test_client()
+    client = make_client(api_token=token)
     # Execute
     none = client.post("/api/v1/predict", data=multipart(PNG))
     wrong = client.post(
@@ -454,9 +475,9 @@ def test_short_token_is_refused():
         ServeConfig(api_token="short")
 
 
-def test_rate_limit_gives_429_with_retry_after(ckpt):
+def test_rate_limit_gives_429_with_retry_after(make_client):
     # Prepare
-    client = create_app(ServeConfig(checkpoint=ckpt, rate_limit=3)).test_client()
+    client = make_client(rate_limit=3)
     # Execute
     codes = [client.post("/api/v1/predict", data=multipart(PNG)).status_code for _ in range(4)]
     limited = client.get("/api/v1/model")
@@ -489,3 +510,24 @@ def test_settings_from_environment():
     assert cfg.rate_limit == 0 and cfg.refer_threshold == 0.8 and cfg.backend == "torch"
     with pytest.raises(ValueError, match="KIDNEYSCAN_MAX_PIXELS"):
         ServeConfig.from_env({"KIDNEYSCAN_MAX_PIXELS": "lots"})
+
+
+@pytest.mark.slow
+def test_onnx_backend_serves_the_same_probabilities(client, ckpt):
+    # Prepare: the same checkpoint behind the perf area's ONNX Runtime backend.
+    pytest.importorskip("onnxruntime")
+    onnx_client = create_app(
+        ServeConfig(checkpoint=ckpt, backend="onnx", rate_limit=0)
+    ).test_client()
+    # Execute
+    torch_res = client.post("/api/v1/predict", data=multipart(PNG)).get_json()
+    onnx_res = onnx_client.post("/api/v1/predict", data=multipart(PNG)).get_json()
+    explained = onnx_client.post("/api/v1/explain", data=multipart(PNG))
+    # Assert
+    assert onnx_res["model"]["backend"].startswith("onnx")
+    assert torch_res["model"]["backend"] == "torch"
+    for c in CLASSES:
+        assert onnx_res["results"][0]["probabilities"][c] == pytest.approx(
+            torch_res["results"][0]["probabilities"][c], abs=1e-4
+        )
+    assert explained.status_code == 200  # Grad-CAM still runs on the torch model

@@ -419,7 +419,7 @@ def fit(
     if cfg.smote and smote_loader is None:
         raise ValueError("cfg.smote is on: pass smote_loader (un-augmented training loader)")
     counts = np.bincount(_labels_of(train_loader), minlength=k)
-    loss_fn = make_loss(cfg, counts)
+    loss_fn = make_loss(cfg, counts).to(_device_of(model))  # class weights on the model's device
     optimizer, scheduler = make_optimizer(model, cfg, len(train_loader))
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]

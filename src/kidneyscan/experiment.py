@@ -473,59 +473,57 @@ def evaluate_ensemble(
     weighted_by_f1: bool = False,
     out_dir: str | Path | None = None,
     n_bootstrap: int = 1000,
-    batch_size: int = 64,
+    batch_size: int = 32,
 ) -> dict[str, Any]:
-    """Soft-voting ensemble of checkpoints: average of their calibrated probabilities.
+    """Evaluate a soft-voting ensemble of checkpoints (:mod:`kidneyscan.models.ensemble`).
 
-    Each member keeps its own preprocessing (from its metadata), so members of different
-    input sizes combine. With ``weighted_by_f1`` each member is weighted by the validation
-    macro-F1 stored in its metadata (never by test results).
+    Members keep their own preprocessing and calibration temperature; with ``weighted_by_f1``
+    each member is weighted by the validation macro-F1 stored in its metadata (never by test
+    results).
 
     Returns
     -------
     dict
-        Metrics of the ensemble plus ``ensemble`` (members, weights, member macro-F1 on the
-        same images).
+        Metrics of the ensemble plus ``ensemble`` (members, models, weights, each member's
+        macro-F1 on the same images).
     """
+    import torch
+
+    from kidneyscan.data.datasets import load_image
     from kidneyscan.models.checkpoint import read_metadata
+    from kidneyscan.models.ensemble import EnsembleError, load_ensemble
 
     if len(checkpoints) < 1:
         raise ValueError("no checkpoints given")
-    metas = [read_metadata(c) for c in checkpoints]
-    task = metas[0].get("task", "multiclass")
-    for c, m in zip(checkpoints, metas, strict=True):
-        if m.get("task", "multiclass") != task or m["classes"] != metas[0]["classes"]:
-            raise DataError(f"{c}: task/classes differ from {checkpoints[0]}; cannot ensemble")
+    try:
+        ens, info = load_ensemble(checkpoints, "val.macro_f1" if weighted_by_f1 else None)
+    except EnsembleError as exc:
+        raise DataError(str(exc)) from exc
+    task = info.get("task") or "multiclass"
     samples, classes = select_eval_samples(data, task, split_file, subset)
-    if weighted_by_f1:
-        raw = []
-        for c, m in zip(checkpoints, metas, strict=True):
-            f1 = (m.get("metrics") or {}).get("val", {}).get("macro_f1")
-            if f1 is None:
-                raise DataError(f"{c}: metadata has no validation macro-F1 for --weighted-by-f1")
-            raw.append(max(float(f1), 1e-6))
-        weights = np.asarray(raw) / np.sum(raw)
-    else:
-        weights = np.full(len(checkpoints), 1.0 / len(checkpoints))
-    member_probs, labels = [], None
-    for c in checkpoints:
-        p, y, _ = checkpoint_probs(c, samples, batch_size=batch_size)
-        if labels is not None and not np.array_equal(labels, y):
-            raise DataError(f"{c}: labels differ between members (data changed?)")
-        member_probs.append(p)
-        labels = y
-    assert labels is not None
-    probs = np.tensordot(weights, np.stack(member_probs), axes=1)
+    preps = [Preprocessor.from_dict(read_metadata(c)["preprocessing"]) for c in checkpoints]
+    probs_l: list[np.ndarray] = []
+    member_l: list[list[np.ndarray]] = [[] for _ in checkpoints]
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            images = [load_image(s.path) for s in samples[start : start + batch_size]]
+            batches = [torch.stack([pre(img) for img in images]) for pre in preps]
+            probs_l.append(ens.predict_proba(batches).float().numpy())
+            for i, (member, b) in enumerate(zip(ens.members, batches, strict=True)):
+                p = torch.softmax(member(b) / ens.temperatures[i], dim=-1)
+                member_l[i].append(p.float().numpy())
+    probs = np.concatenate(probs_l)
+    labels = np.array([s.label for s in samples], dtype=np.int64)
     metrics = classification_metrics(labels, probs, classes, n_bootstrap=n_bootstrap)
     metrics["evaluated_split"] = subset if split_file is not None else "all"
     metrics["ensemble"] = {
         "members": [str(Path(c).resolve()) for c in checkpoints],
-        "models": [m["model"]["name"] for m in metas],
-        "weights": weights.tolist(),
+        "models": [m["name"] for m in info["members"]],
+        "weights": [float(m["weight"]) for m in info["members"]],
         "weighted_by_f1": weighted_by_f1,
         "member_macro_f1": [
-            classification_metrics(labels, p, classes, n_bootstrap=0)["macro"]["f1"]
-            for p in member_probs
+            classification_metrics(labels, np.concatenate(p), classes, n_bootstrap=0)["macro"]["f1"]
+            for p in member_l
         ],
     }
     if out_dir is not None:
@@ -537,7 +535,10 @@ def evaluate_ensemble(
             title="KidneyScan soft-voting ensemble",
             summary={
                 "members": ", ".join(metrics["ensemble"]["models"]),
-                "weights": ", ".join(f"{w:.3f}" for w in weights),
+                "weights": ", ".join(f"{w:.3f}" for w in metrics["ensemble"]["weights"]),
+                "member macro-F1": ", ".join(
+                    f"{f:.3f}" for f in metrics["ensemble"]["member_macro_f1"]
+                ),
                 "images": f"{len(samples)} ({metrics['evaluated_split']})",
             },
         )

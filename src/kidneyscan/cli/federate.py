@@ -121,7 +121,12 @@ def federate(
             if not data.is_dir():
                 console.print(f"generating {phantom_images} phantom images in {data} ...")
                 generate_dataset(
-                    data, n=phantom_images, seed=seed, sites=clients, image_size=image_size
+                    data,
+                    n=phantom_images,
+                    seed=seed,
+                    sites=clients,
+                    image_size=max(64, image_size),  # the phantom draws at >= 64 px
+                    progress=True,
                 )
         assert data is not None
         prepared: dict[str, Any]
@@ -141,6 +146,7 @@ def federate(
                 alpha=alpha,
                 min_samples=min_samples,
                 test_fraction=test_fraction,
+                local_val_fraction=local_val,
                 seed=seed,
             )
         _print_partitions(console, Table, prepared["summary"])

@@ -84,7 +84,21 @@ def plot_reliability(labels: np.ndarray, probs: np.ndarray, path: Path, n_bins: 
     fig, (ax, ax2) = plt.subplots(
         2, 1, figsize=(5, 5.4), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
     )
-    ax.bar(centres, acc, width=width, edgecolor="k", alpha=0.8, label="accuracy")
+    conf = np.asarray(b["confidence"], dtype=np.float64)
+    full = count > 0
+    ax.bar(centres[full], acc[full], width=width, edgecolor="k", alpha=0.8, label="accuracy")
+    # The gap to the bin's mean confidence is what ECE sums: show it even when accuracy is 0.
+    ax.bar(
+        centres[full],
+        conf[full] - acc[full],
+        bottom=acc[full],
+        width=width,
+        color="tab:red",
+        alpha=0.3,
+        edgecolor="tab:red",
+        hatch="//",
+        label="gap to confidence",
+    )
     ax.plot([0, 1], [0, 1], ls="--", c="grey", label="perfect calibration")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
@@ -128,6 +142,8 @@ def _fmt(x: Any, digits: int = 3) -> str:
         return "n/a"
     if isinstance(x, float):
         return f"{x:.{digits}f}"
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10000:
+        return f"{x:,}"
     return str(x)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -27,9 +27,10 @@ def find_target_layers(
 ) -> list[nn.Module]:
     """Pick the layer(s) Grad-CAM should explain.
 
-    Uses ``kidneyscan.models.factory.gradcam_target_layers(model)`` when the models area
-    provides it; otherwise probes the model once and returns the last module whose output is a
-    4-D feature map with a spatial size above 1 x 1 (the last spatial stage).
+    Uses ``kidneyscan.models.factory.gradcam_target_layers(model)`` (the last ConvNeXt stage of
+    the hybrid, the last conv stage of the CNN baselines); for architectures it does not know,
+    probes the model once and returns the last module whose output is a 4-D feature map with a
+    spatial size above 1 x 1.
 
     Parameters
     ----------
@@ -48,14 +49,12 @@ def find_target_layers(
     ValueError
         If the model has no module with a spatial 4-D output.
     """
-    try:
-        from kidneyscan.models import factory
+    from kidneyscan.models.factory import gradcam_target_layers
 
-        chooser = getattr(factory, "gradcam_target_layers", None)
-        if chooser is not None:
-            return list(chooser(model))
-    except ImportError:  # pragma: no cover - factory is part of the package
-        pass
+    try:
+        return list(gradcam_target_layers(model))
+    except ValueError:
+        pass  # an architecture the factory does not know: find the layer by probing
 
     fired: list[nn.Module] = []
 
@@ -90,6 +89,7 @@ def gradcam_heatmap(
     input_tensor: torch.Tensor,
     target_class: int,
     target_layers: Sequence[nn.Module] | None = None,
+    reshape_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Grad-CAM of one image for one class.
 
@@ -103,6 +103,9 @@ def gradcam_heatmap(
         Index of the class whose evidence is shown.
     target_layers
         Layers to explain; :func:`find_target_layers` when ``None``.
+    reshape_transform
+        Turns a token-grid output into (B, C, h, w) for transformer layers
+        (``kidneyscan.models.factory.gradcam_reshape_transform``); ``None`` for CNN stages.
 
     Returns
     -------
@@ -117,13 +120,17 @@ def gradcam_heatmap(
         raise ValueError(f"expected one image, got a batch of {x.shape[0]}")
     if target_layers is None:
         target_layers = find_target_layers(model, x.shape[-1], x.shape[1])
-    # A clone turns a possible inference-mode tensor into a normal one that autograd accepts.
-    x = x.detach().clone()
+    # A clone turns a possible inference-mode tensor into a normal one that autograd accepts;
+    # requiring its gradient keeps activations differentiable when the backbone is frozen
+    # (the hybrid freezes most of its ConvNeXt by default).
+    x = x.detach().clone().requires_grad_(True)
     with (
         _CAM_LOCK,
         torch.inference_mode(False),
         torch.enable_grad(),
-        GradCAM(model=model, target_layers=list(target_layers)) as cam,
+        GradCAM(
+            model=model, target_layers=list(target_layers), reshape_transform=reshape_transform
+        ) as cam,
     ):
         heat = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(target_class))])
     out = np.nan_to_num(np.asarray(heat[0], dtype=np.float32))

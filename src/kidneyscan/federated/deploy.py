@@ -131,6 +131,12 @@ class NodeDeadlineGrid(_grid_base()):  # type: ignore[misc]
         """Delegate to the wrapped grid."""
         return self.grid.send_and_receive(messages, timeout=timeout)
 
+    def __getattr__(self, name: str) -> Any:
+        # Anything else a Grid implementation offers (only called for missing attributes).
+        if name == "grid":
+            raise AttributeError(name)
+        return getattr(self.grid, name)
+
 
 def wait_for_nodes(grid: Any, min_nodes: int, timeout_s: float, poll_s: float = 1.0) -> list[int]:
     """Block until ``min_nodes`` SuperNodes are connected, or raise after ``timeout_s``.
@@ -645,15 +651,50 @@ num-clients = 3
 """
 
 
-def write_smoke_app(app_dir: str | Path) -> Path:
+def write_smoke_app(app_dir: str | Path, secagg: bool = False) -> Path:
     """Write a Flower app directory whose components are :mod:`kidneyscan.federated.smoke`.
 
-    The app code itself is imported from the installed ``kidneyscan`` package on every
-    SuperNode (``PYTHONPATH`` or ``pip install``), so the FAB holds only ``pyproject.toml``.
+    With ``secagg`` the components are the smoke model under SecAgg+
+    (:mod:`kidneyscan.federated.secagg`). The app code itself is imported from the installed
+    ``kidneyscan`` package on every SuperNode (``PYTHONPATH`` or ``pip install``), so the FAB
+    holds only ``pyproject.toml``.
     """
     app_dir = Path(app_dir)
     app_dir.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(SMOKE_APP_PYPROJECT)
+    text = SMOKE_APP_PYPROJECT
+    if secagg:
+        text = text.replace("smoke:server_app", "secagg:server_app")
+        text = text.replace("smoke:client_app", "secagg:client_app")
+        text += "fail-round = 0\n" + _secagg_config_lines()
+    (app_dir / "pyproject.toml").write_text(text)
+    return app_dir
+
+
+def _secagg_config_lines() -> str:
+    from kidneyscan.federated.secagg import DEFAULTS
+
+    skip = {"num-server-rounds", "min-clients", "node-timeout"}
+    return "".join(f"{k} = {_toml_value(v)}\n" for k, v in DEFAULTS.items() if k not in skip)
+
+
+def write_kidneyscan_secagg_app(app_dir: str | Path) -> Path:
+    """App directory training the KidneyScan model under SecAgg+ (``secagg.kidneyscan_*``).
+
+    Its run config is KidneyScan's (``federated.task.DEFAULTS``) plus the SecAgg+ keys.
+    """
+    from kidneyscan.federated import task
+
+    app_dir = Path(app_dir)
+    app_dir.mkdir(parents=True, exist_ok=True)
+    head = SMOKE_APP_PYPROJECT.split("[tool.flwr.app.config]")[0]
+    head = head.replace('name = "kidneyscan-smoke"', 'name = "kidneyscan-secagg"')
+    head = head.replace("smoke:server_app", "secagg:kidneyscan_server_app")
+    head = head.replace("smoke:client_app", "secagg:kidneyscan_client_app")
+    config = dict(task.DEFAULTS) | {"node-timeout": 300.0}
+    lines = "".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items())
+    (app_dir / "pyproject.toml").write_text(
+        head + "[tool.flwr.app.config]\n" + lines + _secagg_config_lines()
+    )
     return app_dir
 
 
@@ -690,6 +731,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--smoke", action="store_true", help="use the seconds-long smoke app instead of --app"
     )
+    parser.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (SecAgg+): the KidneyScan model, or the smoke one with --smoke",
+    )
     parser.add_argument("--nodes", type=int, default=3, help="number of SuperNodes (hospitals)")
     parser.add_argument(
         "--data-dir",
@@ -722,7 +768,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     workdir = Path(args.workdir).resolve()
-    app = write_smoke_app(workdir / "smoke_app") if args.smoke else Path(args.app).resolve()
+    if args.smoke:
+        app = write_smoke_app(workdir / "smoke_app", secagg=args.secagg)
+    elif args.secagg:
+        app = write_kidneyscan_secagg_app(workdir / "secagg_app")
+    else:
+        app = Path(args.app).resolve()
     if not (app / "pyproject.toml").is_file():
         parser.error(f"{app} has no pyproject.toml: not a Flower app directory")
     node_configs = (

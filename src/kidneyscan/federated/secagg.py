@@ -79,10 +79,12 @@ def secagg_settings(config: Mapping[str, Any], num_clients: int) -> dict[str, An
     }
 
 
+def _smoke_initial(config: Mapping[str, Any]) -> list[np.ndarray]:
+    return list(smoke.initial_weights().values())
+
+
 def make_server_app(
-    initial_parameters: Callable[[], list[np.ndarray]] = lambda: list(
-        smoke.initial_weights().values()
-    ),
+    initial_parameters: Callable[[Mapping[str, Any]], list[np.ndarray]] = _smoke_initial,
     overrides: Mapping[str, Any] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ):
@@ -91,13 +93,16 @@ def make_server_app(
     Parameters
     ----------
     initial_parameters : callable
-        Returns the initial global parameters as a list of arrays (same order as the client's
-        ``get_parameters``).
+        ``initial_parameters(config)`` returns the initial global parameters as a list of
+        arrays (same order as the client's ``get_parameters``).
     overrides : mapping, optional
         Defaults for the run config (``run_simulation`` passes an empty run config).
     on_round : callable, optional
         Called after every round with ``{"round", "results", "failures", "parameters"}``:
         the securely aggregated parameters and how many clients were in / out.
+    config_fn : callable, optional
+        Turns the merged run config into the app's config (e.g. ``task.run_config`` to
+        validate and coerce KidneyScan's keys).
     """
     from flwr.app import Context
     from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -178,7 +183,7 @@ def make_server_app(
             fraction_evaluate=0.0,
             min_fit_clients=min_clients,
             min_available_clients=min_clients,
-            initial_parameters=ndarrays_to_parameters(initial_parameters()),
+            initial_parameters=ndarrays_to_parameters(initial_parameters(config)),
             fit_metrics_aggregation_fn=weighted_loss,
             on_fit_config_fn=lambda server_round: {"server-round": server_round},
         )
@@ -267,6 +272,82 @@ def local_update(
     return [new["weight"], new["bias"]], len(labels), {"train-loss": loss}
 
 
-#: Components for a ``flwr run`` app directory checking SecAgg+ on a deployment.
+class KidneyScanNumPyClient(_numpy_client_base()):  # type: ignore[misc]
+    """One hospital training the KidneyScan model for SecAgg+ (legacy ``NumPyClient``).
+
+    Same data, model and local training as the Message-API ClientApp
+    (:mod:`kidneyscan.federated.task`); only the trainable tensors travel, masked.
+    """
+
+    def __init__(self, context: Any) -> None:
+        from kidneyscan.federated import task
+
+        self.task = task
+        self.cfg = task.run_config(_kidneyscan_keys(context.run_config))
+        self.node_config = dict(context.node_config)
+
+    def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:
+        """Trainable tensors of the seeded initial model."""
+        return list(self.task.get_trainable(self.task.build_model(self.cfg)))
+
+    def fit(
+        self, parameters: list[np.ndarray], config: Mapping[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Train locally on this hospital's images; return tensors, example count, loss."""
+        task, cfg = self.task, self.cfg
+        model = task.build_model(cfg)
+        task.set_trainable(model, parameters)
+        samples = task.load_client_samples(cfg, self.node_config)
+        train, _ = task.split_local(samples, float(cfg["local-val-fraction"]), int(cfg["seed"]))
+        server_round = int(config.get("server-round", 1))
+        stats = task.train_local(model, train, cfg, server_round=server_round)
+        arrays = list(task.get_trainable(model))
+        limit = float(cfg.get("secagg-clipping-range", 8.0))
+        peak = max(float(np.abs(a).max()) for a in arrays if a.size)
+        if peak > limit:
+            # SecAgg+ clips silently; say so, because the aggregate would be wrong.
+            LOGGER.warning(
+                "a parameter reaches %.2f, beyond secagg-clipping-range %.1f: it will be clipped",
+                peak,
+                limit,
+            )
+        return arrays, int(stats["num-examples"]), {"train-loss": float(stats["loss"])}
+
+
+def _kidneyscan_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    # Keys of this module and of the smoke client are not KidneyScan training settings.
+    skip = set(DEFAULTS) | {"fail-partition", "fail-round", "slow-partition", "slow-seconds"}
+    return {k: v for k, v in run_config.items() if k not in skip}
+
+
+def _kidneyscan_initial(config: Mapping[str, Any]) -> list[np.ndarray]:
+    from kidneyscan.federated import task
+
+    cfg = task.run_config(_kidneyscan_keys(config))
+    return list(task.get_trainable(task.build_model(cfg)))
+
+
+def make_kidneyscan_apps(
+    overrides: Mapping[str, Any] | None = None,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+):
+    """ServerApp and ClientApp training the KidneyScan model with SecAgg+.
+
+    The run config is KidneyScan's (``task.DEFAULTS``: model, partition-file, ...) plus the
+    SecAgg+ keys of this module. The server writes no checkpoint: it holds only the masked sum
+    of each round (``on_round`` receives the aggregate).
+    """
+    server = make_server_app(_kidneyscan_initial, overrides=overrides, on_round=on_round)
+    client = make_client_app(client_fn=KidneyScanNumPyClient)
+    return server, client
+
+
+#: Components for a ``flwr run`` app directory: the smoke model, to check SecAgg+ on a
+#: deployment in seconds ...
 server_app = make_server_app()
 client_app = make_client_app()
+#: ... and the KidneyScan model.
+# Two plain assignments: Flower's app validation looks the names up statically.
+_KIDNEYSCAN_APPS = make_kidneyscan_apps()
+kidneyscan_server_app = _KIDNEYSCAN_APPS[0]
+kidneyscan_client_app = _KIDNEYSCAN_APPS[1]

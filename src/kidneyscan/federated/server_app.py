@@ -41,7 +41,14 @@ GLOBAL_FILE = "global.safetensors"
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config (see :data:`task.DEFAULTS`)."""
     cfg = task.run_config(context.run_config)
-    run_federation(grid, cfg)
+    run_federation(_guard_nodes(grid, cfg), cfg)
+
+
+def _guard_nodes(grid: Grid, cfg: Mapping[str, Any]) -> Grid:
+    """Fail after ``node-timeout`` s with too few nodes instead of waiting forever (fedpriv)."""
+    from kidneyscan.federated.deploy import NodeDeadlineGrid
+
+    return NodeDeadlineGrid(grid, int(cfg["min-clients"]), float(cfg.get("node-timeout", 300.0)))
 
 
 def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
@@ -137,6 +144,11 @@ def run_federation(grid: Grid, cfg: Mapping[str, Any]) -> dict[str, Any]:
     inner = _wrap_privacy(build_strategy(cfg), cfg)
     strategy = RecordingStrategy(inner, fp16=bool(cfg["transport-fp16"]))
     accountant = getattr(inner, "accountant", None)
+    if accountant is not None:
+        # A resumed DP run has already spent privacy: replay the released rounds so the
+        # budget check and the reported epsilon continue from there, not from zero.
+        for _ in (r for r in state["history"] if "dp-epsilon" in r):
+            accountant.step()
     arrays = ArrayRecord({k: Array(v) for k, v in task.to_named(model).items()})
     t0 = time.perf_counter()
     stopped_reason = ""
@@ -282,10 +294,13 @@ def _metadata(
 def _full_test_metrics(
     model: Any, cfg: Mapping[str, Any], test: list[Sample]
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    from kidneyscan.evaluation.metrics import classification_metrics
+    from kidneyscan.evaluation.metrics import bootstrap_ci, classification_metrics, macro_f1
 
     _, probs, labels = task.evaluate_model(model, test, cfg)
-    return dict(classification_metrics(labels, probs, list(CLASSES))), probs, labels
+    metrics = dict(classification_metrics(labels, probs, list(CLASSES)))
+    lo, hi = bootstrap_ci(labels, probs, macro_f1, n=1000, seed=0)
+    metrics["ci95"] = {"macro_f1": [float(lo), float(hi)]}
+    return metrics, probs, labels
 
 
 def _notes(out: Path, state: Mapping[str, Any]) -> list[str]:

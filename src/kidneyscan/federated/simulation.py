@@ -23,9 +23,9 @@ log = logging.getLogger(__name__)
 
 
 def split_test(
-    samples: Sequence[Sample], test_fraction: float, seed: int, *, save_to: Path | None = None
-) -> tuple[list[Sample], list[Sample]]:
-    """Split off the server's held-out test set: ``(train_pool, test)``.
+    samples: Sequence[Sample], test_fraction: float, seed: int
+) -> tuple[list[Sample], list[Sample], Any]:
+    """Split off the server's held-out test set: ``(train_pool, test, split)``.
 
     Uses the leakage-aware :func:`kidneyscan.data.splits.make_split`: one patient's slices,
     neighbouring slices and near-duplicates stay on one side.
@@ -34,14 +34,9 @@ def split_test(
 
     if not 0.0 < test_fraction < 1.0:
         raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
-    from kidneyscan.data.splits import Split, save_split
-
     parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
     pool, test = list(parts["train"]) + list(parts.get("val", [])), list(parts["test"])
-    if save_to is not None:
-        # The standard split CSV, so `kidneyscan evaluate --split` scores the same test images.
-        save_split(Split({"train": pool, "test": test}, parts.groups, parts.info), save_to)
-    return pool, test
+    return pool, test, parts
 
 
 def prepare_run(
@@ -53,11 +48,14 @@ def prepare_run(
     alpha: float = 0.5,
     min_samples: int = 2,
     test_fraction: float = 0.2,
+    local_val_fraction: float = 0.15,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Write ``partitions.csv`` (clients' training rows) and ``test.csv`` (server) to ``out_dir``.
 
-    Also writes ``split.csv`` (train pool / test, the project's split format).
+    Also writes ``split.csv`` in the project's split format: ``train`` / ``val`` (the sites'
+    local hold-outs for ``local_val_fraction`` and ``seed``, as the ClientApps draw them) /
+    ``test``.
 
     Returns
     -------
@@ -70,9 +68,23 @@ def prepare_run(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pool, test = split_test(samples, test_fraction, seed, save_to=out / "split.csv")
+    from kidneyscan.data.splits import Split, save_split
+
+    pool, test, split = split_test(samples, test_fraction, seed)
     parts = partition_samples(
         pool, num_clients, scheme=partitioning, alpha=alpha, min_samples=min_samples, seed=seed
+    )
+    # The standard split CSV (train / val = the sites' local hold-outs / test), so
+    # `kidneyscan evaluate --split` scores the same test images.
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for part in parts:
+        t, v = task.split_local(part, local_val_fraction, seed)
+        train += t
+        val += v
+    save_split(
+        Split({"train": train, "val": val, "test": test}, split.groups, split.info),
+        out / "split.csv",
     )
     part_file = save_partitions(parts, out / "partitions.csv")
     test_file = save_partitions([test], out / "test.csv")
@@ -211,8 +223,9 @@ def demo_federated(
         out,
         num_clients=sites,
         partitioning="site",
-        min_samples=8,
+        min_samples=4,
         test_fraction=0.2,
+        local_val_fraction=0.15,
         seed=seed,
     )
     config = {

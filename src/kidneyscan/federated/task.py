@@ -67,6 +67,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "out-dir": "runs/federated",
     "resume": False,
     "round-timeout": 3600.0,
+    "node-timeout": 300.0,
 }
 
 

@@ -36,6 +36,31 @@ from kidneyscan.models.weights import create_backbone, freeze_backbone, param_co
 log = logging.getLogger(__name__)
 
 
+class PositionEmbedding(nn.Module):
+    """Learned position embeddings for a ``grid`` of tokens, added to the token sequence.
+
+    A module of its own (not a bare parameter of the model) so Opacus computes its
+    per-sample gradients on this small module alone.
+    """
+
+    def __init__(self, grid: tuple[int, int], embed_dim: int) -> None:
+        super().__init__()
+        self.grid = grid
+        self.weight = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
+        nn.init.trunc_normal_(self.weight, std=0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token grid ``(B, h, w, D)`` plus the embeddings, resampled when ``(h, w)`` differs."""
+        _, h, w, d = tokens.shape
+        gh, gw = self.grid
+        pe = self.weight.reshape(1, gh, gw, d)
+        if (h, w) != (gh, gw):
+            # Inputs of another size than image_size: bicubic resampling of the learned grid.
+            pe = F.interpolate(pe.permute(0, 3, 1, 2), size=(h, w), mode="bicubic")
+            pe = pe.permute(0, 2, 3, 1)
+        return tokens + pe
+
+
 class HybridConvNeXtViT(nn.Module):
     """ConvNeXt feature map -> spatial tokens -> Transformer encoder -> linear head.
 
@@ -115,8 +140,7 @@ class HybridConvNeXtViT(nn.Module):
 
         self.token_norm = nn.LayerNorm(feat_chs)
         self.proj = nn.Linear(feat_chs, embed_dim)
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.pos_embed = PositionEmbedding(grid, embed_dim)
         self.pos_drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(
@@ -181,22 +205,12 @@ class HybridConvNeXtViT(nn.Module):
         out: torch.Tensor = self.backbone.forward_features(x)
         return out
 
-    def _pos_embed_for(self, h: int, w: int) -> torch.Tensor:
-        gh, gw = self.grid_size
-        if (h, w) == (gh, gw):
-            return self.pos_embed
-        # Inputs of another size than image_size: resample the learned grid.
-        pe = self.pos_embed.reshape(1, gh, gw, -1).permute(0, 3, 1, 2)
-        pe = F.interpolate(pe, size=(h, w), mode="bicubic", align_corners=False)
-        return pe.permute(0, 2, 3, 1).reshape(1, h * w, -1)
-
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial tokens fed to the encoder: ``(B, h*w, embed_dim)`` incl. position embeddings."""
         fmap = self.feature_map(x)
-        _, _, h, w = fmap.shape
-        t = fmap.flatten(2).transpose(1, 2)  # (B, h*w, F), row-major over the grid
-        t = self.proj(self.token_norm(t))
-        return self.pos_drop(t + self._pos_embed_for(h, w))
+        t = self.proj(self.token_norm(fmap.permute(0, 2, 3, 1)))  # (B, h, w, D)
+        t = self.pos_embed(t).flatten(1, 2)  # (B, h*w, D), row-major over the grid
+        return self.pos_drop(t)
 
     # ----------------------------------------------------------------- timm-style API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

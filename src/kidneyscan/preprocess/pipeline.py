@@ -37,7 +37,7 @@ def _ensure_steps_registered() -> None:
     # The DIP modules register their steps on import; importing here keeps users from having to.
     import importlib
 
-    for mod in ("enhance", "restore", "segment", "morphology"):
+    for mod in ("enhance", "restore", "segment", "morphology", "roi"):
         try:
             importlib.import_module(f"kidneyscan.preprocess.{mod}")
         except ModuleNotFoundError as exc:

@@ -136,7 +136,13 @@ def filter_wiener(image: np.ndarray, *, size: int = 5, noise: float | None = Non
     s = odd_size(size)
     if noise is not None:
         positive(noise, name="noise")
-    return _done(signal.wiener(img.astype(np.float64), mysize=s, noise=noise))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = signal.wiener(img.astype(np.float64), mysize=s, noise=noise)
+    # SciPy divides by the local variance: flat windows (air, saturated bone) give NaN where
+    # the right answer is the (constant) input itself.
+    bad = ~np.isfinite(out)
+    out[bad] = img[bad]
+    return _done(out)
 
 
 def estimate_sigma(image: np.ndarray) -> float:
@@ -297,12 +303,13 @@ class NoiseEstimate:
 
 
 def estimate_noise(
-    image: np.ndarray, *, impulse_threshold: float = 0.002, sigma_threshold: float = 0.004
+    image: np.ndarray, *, impulse_threshold: float = 0.015, sigma_threshold: float = 0.004
 ) -> NoiseEstimate:
     """Classify the dominant noise in an image: impulse, periodic, random (Gaussian-like) or none.
 
-    Impulse noise is judged by the fraction of pixels that sit at 0 or 1 while differing
-    by more than 0.25 from their 3 x 3 median (flat black air does not count); periodic
+    Impulse noise is judged by the fraction of isolated pixels that sit at 0 or 1 while
+    differing by more than 0.25 from their 3 x 3 median (flat black air and thin bright
+    lines do not count); periodic
     noise by isolated spectral spikes (:func:`find_periodic_peaks`); random noise by the
     wavelet MAD sigma.
 
@@ -311,14 +318,23 @@ def estimate_noise(
     image
         float32 (H, W) in [0, 1].
     impulse_threshold
-        Minimum impulse-pixel fraction to call it impulse noise.
+        Minimum isolated-impulse fraction to call it impulse noise. The default 0.015 sits
+        between Gaussian noise (sigma 0.05) on 64-256 px phantom slices (<= 0.012, from
+        clipped thin bright structures) and 5 % salt-and-pepper (>= 0.027); sparser impulse
+        noise (~1 %) is then treated as random noise.
     sigma_threshold
         Minimum estimated sigma to call it random noise (below: ``"none"``).
     """
     img = as_image(image)
     med = ndi.median_filter(img, size=3, mode="reflect")
-    extreme = (img <= 1e-6) | (img >= 1 - 1e-6)
-    impulse_frac = float((extreme & (np.abs(img - med) > 0.25)).mean())
+    low, high = img <= 1e-6, img >= 1 - 1e-6
+    # Impulses are isolated: at most one same-valued extreme neighbour in the 3 x 3 window.
+    # Thin bright lines (scanner table, vessel walls) have two and are not counted.
+    same = np.where(low, ndi.uniform_filter(low.astype(np.float32), 3) * 9, 0) + np.where(
+        high, ndi.uniform_filter(high.astype(np.float32), 3) * 9, 0
+    )
+    isolated = (low | high) & (same <= 2.5) & (np.abs(img - med) > 0.25)
+    impulse_frac = float(isolated.mean())
     if impulse_frac >= impulse_threshold:
         sigma = estimate_sigma(filter_median(img, size=3))
         return NoiseEstimate("impulse", sigma, impulse_frac)

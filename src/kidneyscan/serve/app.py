@@ -213,7 +213,10 @@ def _register_errors(app: Flask) -> None:
     @app.errorhandler(InputError)
     def _input_error(exc: InputError) -> Response:
         g.error_code = exc.code
-        return error_response(exc.status, exc.code, exc.message)
+        resp = error_response(exc.status, exc.code, exc.message)
+        if exc.status == 503:  # model still loading: tell clients when to come back
+            resp.headers["Retry-After"] = "5"
+        return resp
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> Response:

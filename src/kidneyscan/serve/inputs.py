@@ -173,7 +173,13 @@ def _decode_raster(data: bytes, kind: str, label: str, max_pixels: int) -> Decod
     except InputError:
         raise
     except Image.DecompressionBombError as exc:
-        raise InputError(413, f"{label}: {exc}", "image_too_large") from exc
+        # PIL refuses absurd header sizes itself, while opening; same answer as ours.
+        raise InputError(
+            413,
+            f"{label}: the image header claims far more than the limit of {max_pixels} pixels "
+            "(refused before decoding)",
+            "image_too_large",
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - PIL raises many types on malformed data
         raise InputError(
             400,

@@ -296,16 +296,18 @@ class Predictor:
         """Preprocess and predict float32 (H, W) images in [0, 1]."""
         return self.predict_tensors([self.prepare(im)[1] for im in images])
 
-    def class_index(self, target: str | int) -> int:
+    def class_index(self, target: object) -> int:
         """Resolve a class name (case-insensitive) or index; ``ValueError`` names the choices."""
-        if isinstance(target, int) or (isinstance(target, str) and target.strip().isdigit()):
-            idx = int(target)
-            if 0 <= idx < len(self.classes):
-                return idx
-        else:
+        if isinstance(target, int) and not isinstance(target, bool):
+            if 0 <= target < len(self.classes):
+                return target
+        elif isinstance(target, str):
+            key = target.strip().lower()
+            if key.isdigit() and int(key) < len(self.classes):
+                return int(key)
             lowered = [c.lower() for c in self.classes]
-            if target.strip().lower() in lowered:
-                return lowered.index(target.strip().lower())
+            if key in lowered:
+                return lowered.index(key)
         raise ValueError(
             f"unknown target class {target!r}; choose one of {', '.join(self.classes)} "
             f"or an index 0-{len(self.classes) - 1}"
@@ -314,6 +316,7 @@ class Predictor:
     def explain(self, resized: np.ndarray, tensor: torch.Tensor, target_index: int) -> Explanation:
         """Grad-CAM heatmap of a prepared image for class ``target_index`` (torch model)."""
         from kidneyscan.explain.gradcam import find_target_layers, gradcam_heatmap
+        from kidneyscan.models.factory import gradcam_reshape_transform
 
         t0 = time.perf_counter()
         with self._lock:
@@ -323,7 +326,13 @@ class Predictor:
                 )
                 names = {id(m): n for n, m in self.model.named_modules()}
                 self._layer_name = ",".join(names.get(id(m), "?") for m in self._target_layers)
-            heat = gradcam_heatmap(self.model, tensor, target_index, self._target_layers)
+            heat = gradcam_heatmap(
+                self.model,
+                tensor,
+                target_index,
+                self._target_layers,
+                reshape_transform=gradcam_reshape_transform(self.model),
+            )
         return Explanation(
             image=resized,
             heatmap=heat,
