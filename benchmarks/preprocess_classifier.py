@@ -113,6 +113,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of data, split and training")
     ap.add_argument("--real", type=Path, default=Path("../shared/data/ct-kidney"),
                     help="CT-KIDNEY folder (skipped when absent)")  # fmt: skip
+    ap.add_argument("--real-n", type=int, default=0,
+                    help="random class-stratified subset of the real data (0 = all)")  # fmt: skip
     ap.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms to run")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output dir")
     args = ap.parse_args()
@@ -136,6 +138,15 @@ def main() -> None:
     results: dict[str, Any] = {"config": {k: str(v) for k, v in vars(args).items()}}
     for name, root in datasets.items():
         samples = scan_dataset(root)
+        if name == "ct-kidney" and 0 < args.real_n < len(samples):
+            # Same share of every class; the split below still groups neighbours / near-dups.
+            rng = np.random.default_rng(args.seed)
+            keep = []
+            for c in range(len(CLASSES)):
+                idx = [i for i, s in enumerate(samples) if s.label == c]
+                k = round(args.real_n * len(idx) / len(samples))
+                keep += list(rng.choice(idx, size=min(k, len(idx)), replace=False))
+            samples = [samples[i] for i in sorted(keep)]
         split = make_split(samples, val=0.15, test=0.2, seed=args.seed)
         parts = {k: list(split[k]) for k in ("train", "val", "test")}
         results[name] = {"sizes": {k: len(v) for k, v in parts.items()}, "arms": {}}
