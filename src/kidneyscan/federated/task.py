@@ -68,6 +68,12 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "resume": False,
     "round-timeout": 3600.0,
     "node-timeout": 300.0,
+    # Differential privacy (kidneyscan.federated.privacy): "none" or a Flower DP wrapper mode.
+    "dp": "none",
+    "dp-noise-multiplier": 1.0,
+    "dp-clipping-norm": 1.0,
+    "dp-delta": 1e-5,
+    "dp-epsilon-budget": 0.0,
 }
 
 
