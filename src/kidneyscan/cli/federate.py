@@ -84,6 +84,13 @@ def federate(
         0.2, "--test-fraction", help="Fraction of images held out as the server's test set."
     ),
     fp16: bool = typer.Option(False, "--fp16", help="Send tensors as float16 (half the bytes)."),
+    cache_features: bool = typer.Option(
+        False,
+        "--cache-features",
+        help="Clients compute the frozen backbone features of their images once and reuse them "
+        "every local epoch and round (hybrid with frozen ConvNeXt blocks only; no pixel "
+        "augmentation, feature maps are flipped instead).",
+    ),
     dp: str = typer.Option(
         "none", "--dp", help="Differential privacy: none, server-fixed, client-fixed, ..."
     ),
@@ -167,6 +174,7 @@ def federate(
             "lr": lr,
             "local-val-fraction": local_val,
             "transport-fp16": fp16,
+            "cache-features": cache_features,
             "seed": seed,
             "out-dir": str(out),
             "resume": resume,

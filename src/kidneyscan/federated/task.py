@@ -57,6 +57,8 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "weight-decay": 0.05,
     "label-smoothing": 0.1,
     "augment": True,
+    # Opt-in: cache the frozen backbone prefix's features once per client process (hybrid only).
+    "cache-features": False,
     "local-val-fraction": 0.15,
     "transport-fp16": False,
     "seed": 0,
@@ -322,6 +324,10 @@ def train_local(
 
     A fresh AdamW with a constant learning rate each round (optimiser state does not travel).
     With ``proximal_mu > 0`` the engine adds the FedProx term towards the received weights.
+    With ``cache-features`` on and a hybrid whose ConvNeXt backbone has frozen leading blocks,
+    the frozen features of these images are computed once per process and reused by every
+    local epoch and round (see :func:`_train_local_cached`); otherwise a warning says why not
+    and training runs as usual.
 
     Returns
     -------
@@ -336,6 +342,9 @@ def train_local(
     pre = build_preprocessor(cfg)
     # Different shuffling each round and site, reproducible for a seed.
     seed = int(cfg["seed"]) * 1000 + server_round
+    split = _cache_split(model) if bool(cfg["cache-features"]) else None
+    if split is not None:
+        return _train_local_cached(split, samples, cfg, pre, seed=seed, proximal_mu=proximal_mu)
     loader = make_loader(
         list(samples),
         pre,
@@ -359,6 +368,105 @@ def train_local(
             loader,
             optimizer,
             loss_fn=loss_fn,
+            proximal_mu=float(proximal_mu),
+            global_params=global_params,
+        )
+    return {
+        "loss": float(stats["loss"]),
+        "accuracy": float(stats["accuracy"]),
+        "num-examples": len(samples),
+    }
+
+
+#: Frozen-prefix feature caches of this process, keyed by what determines the features (model
+#: spec, preprocessing and the exact images). A ClientApp process keeps serving the same
+#: partition, so the cache built in round 1 serves every later round.
+_FEATURE_CACHES: dict[str, Any] = {}
+
+
+def _cache_split(model: nn.Module) -> Any:
+    """The model's :class:`~kidneyscan.export.fasttrain.FrozenSplit`, or None (with a warning)."""
+    from kidneyscan.export.fasttrain import FrozenSplit
+
+    try:
+        return FrozenSplit(model)
+    except ValueError as exc:
+        log.warning(
+            "cache-features does not apply (%s): training normally, without a feature cache", exc
+        )
+        return None
+
+
+def _feature_cache_key(samples: Sequence[Sample], cfg: Mapping[str, Any]) -> str:
+    spec = {
+        "model": model_spec(cfg),
+        "preprocessing": cfg["preprocessing"],
+        "image-size": int(cfg["image-size"]),
+        "in-chans": int(cfg["in-chans"]),
+        "seed": int(cfg["seed"]),
+        "images": [(str(s.path), int(s.label)) for s in samples],
+    }
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def _train_local_cached(
+    split: Any,
+    samples: Sequence[Sample],
+    cfg: Mapping[str, Any],
+    pre: Any,
+    *,
+    seed: int,
+    proximal_mu: float,
+) -> dict[str, float]:
+    """Local epochs on cached frozen-prefix features (same optimiser, loss and FedProx term).
+
+    The cache holds deterministic pixels (no pixel augmentation); with ``augment`` on,
+    :func:`~kidneyscan.export.fasttrain.train_epoch_cached` flips the feature maps instead.
+    The cache's fingerprint of the frozen weights is checked before it is reused: only
+    trainable tensors travel, so they stay equal, and a mismatch rebuilds the cache.
+    """
+    from kidneyscan.data.loaders import make_loader
+    from kidneyscan.export.fasttrain import FeatureCache, train_epoch_cached
+
+    key = _feature_cache_key(samples, cfg)
+    cache = _FEATURE_CACHES.get(key)
+    if cache is not None and not cache.is_valid_for(split):
+        log.warning("cache-features: the frozen weights differ from the cached ones; rebuilding")
+        cache = None
+    if cache is None:
+        loader = make_loader(
+            list(samples), pre, train=False, batch_size=int(cfg["batch-size"]), augment=False
+        )
+        cache = FeatureCache(split, loader)
+        # One client process serves one partition; keep only the newest cache.
+        _FEATURE_CACHES.clear()
+        _FEATURE_CACHES[key] = cache
+        log.info(
+            "cache-features: cached frozen features of %d images (%d of %d backbone modules "
+            "frozen, %.1f MB); pixels are not augmented%s",
+            len(cache),
+            split.n_frozen_modules,
+            split.n_modules,
+            cache.nbytes / 1e6,
+            ", feature maps are flipped instead" if cfg["augment"] else "",
+        )
+    model = split.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    stats: dict[str, float] = {}
+    for epoch in range(int(cfg["local-epochs"])):
+        stats = train_epoch_cached(
+            split,
+            cache,
+            optimizer,
+            loss_fn,
+            batch_size=int(cfg["batch-size"]),
+            seed=seed * 100 + epoch,
+            flip_p=0.5 if cfg["augment"] else 0.0,
             proximal_mu=float(proximal_mu),
             global_params=global_params,
         )

@@ -1,0 +1,159 @@
+"""Opt-in cached frozen features in the federated client's local training (cache-features)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kidneyscan.federated import task
+
+HYBRID = {"backbone": "convnext_atto", "embed_dim": 32, "depth": 1, "num_heads": 4,
+          "freeze_fraction": 0.5, "dropout": 0.0}  # fmt: skip
+
+
+def _cfg(monkeypatch: pytest.MonkeyPatch, **over: Any) -> dict[str, Any]:
+    monkeypatch.delenv(task.CONFIG_ENV, raising=False)
+    base = {"model": "hybrid", "model-kwargs": json.dumps(HYBRID), "cache-features": True,
+            "local-epochs": 2, "batch-size": 4, "lr": 0.01}  # fmt: skip
+    return task.run_config({**base, **over})
+
+
+def _samples(phantom_dir: Path) -> list:
+    from kidneyscan.data.datasets import scan_dataset
+
+    return scan_dataset(phantom_dir)[:12]
+
+
+def _count_features(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from kidneyscan.export.fasttrain import FrozenSplit
+
+    calls = [0]
+    original = FrozenSplit.features
+
+    def counting(self: FrozenSplit, x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return original(self, x)
+
+    monkeypatch.setattr(FrozenSplit, "features", counting)
+    monkeypatch.setattr(task, "_FEATURE_CACHES", {})
+    return calls
+
+
+def _frozen(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_cached_local_training_trains_once_cached_features_across_epochs_and_rounds(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    cfg = _cfg(monkeypatch)
+    samples = _samples(phantom_dir)
+    calls = _count_features(monkeypatch)
+    model = task.build_model(cfg)
+    frozen_before, trainable_before = _frozen(model), _trainable(model)
+    # Execute: round 1 (2 local epochs, FedProx on), then round 2 on a fresh model that got
+    # only the trainable tensors, as the ClientApp does.
+    with caplog.at_level(logging.INFO, logger="kidneyscan.federated.task"):
+        stats = task.train_local(model, samples, cfg, proximal_mu=0.01, server_round=1)
+        calls_round1 = calls[0]
+        model2 = task.build_model(cfg)
+        task.from_named(model2, task.to_named(model))
+        task.train_local(model2, samples, cfg, proximal_mu=0.01, server_round=2)
+    # Assert
+    assert stats["num-examples"] == 12 and 0.0 <= stats["accuracy"] <= 1.0
+    assert calls_round1 == 3  # 12 images / batch 4, once, not once per epoch
+    assert calls[0] == calls_round1  # round 2 reused the cache
+    assert "pixels are not augmented" in caplog.text
+    assert all(torch.equal(p, frozen_before[n]) for n, p in _frozen(model).items())
+    changed = [n for n, p in _trainable(model).items() if not torch.equal(p, trainable_before[n])]
+    assert "head.weight" in changed
+
+
+def test_cache_is_rebuilt_when_frozen_weights_differ(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    cfg = _cfg(monkeypatch, **{"local-epochs": 1})
+    samples = _samples(phantom_dir)
+    calls = _count_features(monkeypatch)
+    task.train_local(task.build_model(cfg), samples, cfg, proximal_mu=0.0)
+    other = task.build_model(cfg)
+    with torch.no_grad():
+        next(p for p in other.parameters() if not p.requires_grad).add_(0.5)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="kidneyscan.federated.task"):
+        task.train_local(other, samples, cfg, proximal_mu=0.0)
+    # Assert
+    assert calls[0] == 6
+    assert "rebuilding" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("model", "kwargs"),
+    [("convnext_atto", {}), ("hybrid", {**HYBRID, "freeze_fraction": 0.0})],
+    ids=["not-hybrid", "nothing-frozen"],
+)
+def test_cache_features_warns_and_trains_normally_when_not_applicable(
+    phantom_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    model: str,
+    kwargs: dict,
+) -> None:
+    # Prepare
+    cfg = _cfg(monkeypatch, model=model, **{"model-kwargs": json.dumps(kwargs), "local-epochs": 1})
+    calls = _count_features(monkeypatch)
+    net = task.build_model(cfg)
+    before = _trainable(net)
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="kidneyscan.federated.task"):
+        stats = task.train_local(net, _samples(phantom_dir), cfg)
+    # Assert
+    assert "cache-features does not apply" in caplog.text
+    assert calls[0] == 0 and task._FEATURE_CACHES == {}
+    assert stats["num-examples"] == 12
+    assert any(not torch.equal(p, before[n]) for n, p in _trainable(net).items())
+
+
+def test_cached_epoch_applies_the_fedprox_term() -> None:
+    # Prepare
+    from kidneyscan.export.fasttrain import FeatureCache, FrozenSplit, train_epoch_cached
+    from kidneyscan.models.factory import create_classifier
+
+    def drift(mu: float) -> float:
+        torch.manual_seed(0)
+        model = create_classifier("hybrid", 4, image_size=64, **HYBRID)
+        split = FrozenSplit(model)
+        gen = torch.Generator().manual_seed(1)
+        data = [(torch.randn(4, 3, 64, 64, generator=gen), torch.tensor([0, 1, 2, 3]))] * 2
+        cache = FeatureCache(split, data)
+        start = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        for s in range(3):
+            train_epoch_cached(split, cache, opt, nn.CrossEntropyLoss(), batch_size=4, seed=s,
+                               proximal_mu=mu, global_params=start)  # fmt: skip
+        pairs = zip(model.parameters(), start, strict=True)
+        return float(sum(((p.detach() - g) ** 2).sum() for p, g in pairs))
+
+    # Execute
+    free, held = drift(0.0), drift(5.0)
+    # Assert: the proximal term pulls the weights towards the global ones
+    assert 0 < held < free
+    torch.manual_seed(0)
+    model = create_classifier("hybrid", 4, image_size=64, **HYBRID)
+    split = FrozenSplit(model)
+    cache = FeatureCache(split, [(torch.randn(2, 3, 64, 64), torch.tensor([0, 1]))])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    with pytest.raises(ValueError, match="needs global_params"):
+        train_epoch_cached(split, cache, opt, nn.CrossEntropyLoss(), proximal_mu=0.1)
