@@ -379,9 +379,11 @@ def train_local(
 
 
 #: Frozen-prefix feature caches of this process, keyed by what determines the features (model
-#: spec, preprocessing and the exact images). A ClientApp process keeps serving the same
-#: partition, so the cache built in round 1 serves every later round.
+#: spec, preprocessing and the exact images). A client process (or a simulation worker serving
+#: a few partitions in turn) reuses the cache built in round 1 in every later round; at most
+#: ``_MAX_FEATURE_CACHES`` are kept, oldest evicted first, to bound memory.
 _FEATURE_CACHES: dict[str, Any] = {}
+_MAX_FEATURE_CACHES = 4
 
 
 def _cache_split(model: nn.Module) -> Any:
@@ -438,8 +440,9 @@ def _train_local_cached(
             list(samples), pre, train=False, batch_size=int(cfg["batch-size"]), augment=False
         )
         cache = FeatureCache(split, loader)
-        # One client process serves one partition; keep only the newest cache.
-        _FEATURE_CACHES.clear()
+        # A simulation worker may serve several partitions in turn: keep a few, oldest out.
+        while len(_FEATURE_CACHES) >= _MAX_FEATURE_CACHES:
+            del _FEATURE_CACHES[next(iter(_FEATURE_CACHES))]
         _FEATURE_CACHES[key] = cache
         log.info(
             "cache-features: cached frozen features of %d images (%d of %d backbone modules "
