@@ -75,6 +75,8 @@ def test_cached_local_training_trains_once_cached_features_across_epochs_and_rou
     assert calls_round1 == 3  # 12 images / batch 4, once, not once per epoch
     assert calls[0] == calls_round1  # round 2 reused the cache
     assert "pixels are not augmented" in caplog.text
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "feature maps are flipped" in warned[0].getMessage()
     assert all(torch.equal(p, frozen_before[n]) for n, p in _frozen(model).items())
     changed = [n for n, p in _trainable(model).items() if not torch.equal(p, trainable_before[n])]
     assert "head.weight" in changed

@@ -446,13 +446,18 @@ def _train_local_cached(
         _FEATURE_CACHES[key] = cache
         log.info(
             "cache-features: cached frozen features of %d images (%d of %d backbone modules "
-            "frozen, %.1f MB); pixels are not augmented%s",
+            "frozen, %.1f MB); pixels are not augmented",
             len(cache),
             split.n_frozen_modules,
             split.n_modules,
             cache.nbytes / 1e6,
-            ", feature maps are flipped instead" if cfg["augment"] else "",
         )
+        if cfg["augment"]:
+            # A departure from what augment=true asks for: say so where users see it.
+            log.warning(
+                "cache-features: pixel augmentation (augment=true) cannot apply to cached "
+                "features; pixels are not augmented, feature maps are flipped instead"
+            )
     model = split.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
