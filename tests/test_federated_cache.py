@@ -159,3 +159,25 @@ def test_cached_epoch_applies_the_fedprox_term() -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     with pytest.raises(ValueError, match="needs global_params"):
         train_epoch_cached(split, cache, opt, nn.CrossEntropyLoss(), proximal_mu=0.1)
+
+
+def test_caches_of_several_partitions_are_kept_within_the_memory_budget(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: one simulation worker serving two partitions in turn
+    cfg = _cfg(monkeypatch, **{"local-epochs": 1})
+    samples = _samples(phantom_dir)
+    part_a, part_b = samples[:6], samples[6:]
+    calls = _count_features(monkeypatch)
+    # Execute
+    for part in (part_a, part_b, part_a, part_b):
+        task.train_local(task.build_model(cfg), part, cfg)
+    kept_both = calls[0]
+    monkeypatch.setattr(task, "_FEATURE_CACHE_BUDGET", 1)  # room for the newest cache only
+    task._FEATURE_CACHES.clear()
+    for part in (part_a, part_b, part_a):
+        task.train_local(task.build_model(cfg), part, cfg)
+    # Assert: 2 batches per 6-image partition
+    assert kept_both == 4  # each partition cached once, then reused
+    assert calls[0] - kept_both == 6  # a evicted by b, so built again
+    assert len(task._FEATURE_CACHES) == 1

@@ -380,10 +380,11 @@ def train_local(
 
 #: Frozen-prefix feature caches of this process, keyed by what determines the features (model
 #: spec, preprocessing and the exact images). A client process (or a simulation worker serving
-#: a few partitions in turn) reuses the cache built in round 1 in every later round; at most
-#: ``_MAX_FEATURE_CACHES`` are kept, oldest evicted first, to bound memory.
+#: several partitions in turn) reuses the cache built the first time in every later round.
 _FEATURE_CACHES: dict[str, Any] = {}
-_MAX_FEATURE_CACHES = 4
+#: Bytes of cached features one process may hold; the oldest caches are evicted beyond it (the
+#: newest is always kept). Partitions of one simulation add up to the dataset, so this rarely bites.
+_FEATURE_CACHE_BUDGET = 2 * 1024**3
 
 
 def _cache_split(model: nn.Module) -> Any:
@@ -440,9 +441,10 @@ def _train_local_cached(
             list(samples), pre, train=False, batch_size=int(cfg["batch-size"]), augment=False
         )
         cache = FeatureCache(split, loader)
-        # A simulation worker may serve several partitions in turn: keep a few, oldest out.
-        while len(_FEATURE_CACHES) >= _MAX_FEATURE_CACHES:
-            del _FEATURE_CACHES[next(iter(_FEATURE_CACHES))]
+        _FEATURE_CACHES.pop(key, None)
+        held = sum(c.nbytes for c in _FEATURE_CACHES.values())
+        while _FEATURE_CACHES and held + cache.nbytes > _FEATURE_CACHE_BUDGET:
+            held -= _FEATURE_CACHES.pop(next(iter(_FEATURE_CACHES))).nbytes
         _FEATURE_CACHES[key] = cache
         log.info(
             "cache-features: cached frozen features of %d images (%d of %d backbone modules "
