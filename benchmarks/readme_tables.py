@@ -1,7 +1,8 @@
 """Copy the benchmark result tables into README.md between ``<!-- NAME:start/end -->`` markers.
 
 Every table in the README's results sections comes from a file under ``benchmarks/results/``
-written by a benchmark script (the file names its command), so they are never copied by hand. Run after any benchmark::
+written by a benchmark script (the file names its command), so they are never
+copied by hand. Run after any benchmark::
 
     python benchmarks/readme_tables.py
 """
