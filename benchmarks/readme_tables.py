@@ -1,8 +1,8 @@
 """Copy the benchmark result tables into README.md between ``<!-- NAME:start/end -->`` markers.
 
 Every table in the README's results sections comes from a file under ``benchmarks/results/``
-written by a benchmark script (the file names its command), so the README never quotes a
-number by hand. Run after any benchmark::
+written by a benchmark script (the file names its command), so they are never
+copied by hand. Run after any benchmark::
 
     python benchmarks/readme_tables.py
 """
@@ -52,6 +52,7 @@ SOURCES = {
     "deploy": lambda: tables(RESULTS / "federated_deploy.md").split("\n\n", 1)[-1],
     "phantom_speed": lambda: tables(RESULTS / "phantom_speed.md"),
     "phantom_shortcuts": lambda: tables(RESULTS / "phantom_shortcuts.md"),
+    "dip": lambda: tables(RESULTS / "preprocess" / "bench.md"),
     "performance": lambda: section(RESULTS / "performance.md"),
 }
 
