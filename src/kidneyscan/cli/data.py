@@ -33,6 +33,27 @@ def _fail(exc: Exception) -> typer.Exit:
     return typer.Exit(code=2)
 
 
+# Grouping options shared by `audit` and `split` (same names, defaults and help in both).
+_MAX_GAP = typer.Option(
+    10, "--max-gap", min=0, help="Largest file-index gap inside one index block."
+)
+_MAX_DISTANCE = typer.Option(
+    4,
+    "--max-distance",
+    min=0,
+    max=64,
+    help="Largest pHash Hamming distance (of 64 bits) for near duplicates.",
+)
+_MAX_JUMP = typer.Option(
+    12,
+    "--max-jump",
+    min=0,
+    max=64,
+    help="In blocks+phash, index neighbours differing by more pHash bits start a new group"
+    " (64: never, the plain union).",
+)
+
+
 @app.command()
 def audit(
     data: Path = typer.Argument(..., help="Dataset folder (CT-KIDNEY layout or ImageFolder tree)."),
@@ -44,24 +65,9 @@ def audit(
         "--out",
         help="Write the report as Markdown here (plus .json and _phash.png next to it).",
     ),
-    max_gap: int = typer.Option(
-        10, "--max-gap", min=0, help="Largest file-index gap inside one index block."
-    ),
-    max_distance: int = typer.Option(
-        4,
-        "--max-distance",
-        min=0,
-        max=64,
-        help="Largest pHash Hamming distance (of 64 bits) for near duplicates.",
-    ),
-    max_jump: int = typer.Option(
-        12,
-        "--max-jump",
-        min=0,
-        max=64,
-        help="In blocks+phash, index neighbours differing by more pHash bits start a new group"
-        " (64: never, the plain union).",
-    ),
+    max_gap: int = _MAX_GAP,
+    max_distance: int = _MAX_DISTANCE,
+    max_jump: int = _MAX_JUMP,
 ) -> None:
     """Audit a dataset: unreadable files, exact and near duplicates, groups, split leakage."""
     from rich.console import Console
@@ -143,24 +149,9 @@ def split(
     ),
     seed: int = typer.Option(0, "--seed", help="Seed: the same data and seed give the same split."),
     grouping: str = typer.Option("auto", "--grouping", help=_GROUPING_HELP),
-    max_gap: int = typer.Option(
-        10, "--max-gap", min=0, help="Largest file-index gap inside one index block."
-    ),
-    max_distance: int = typer.Option(
-        4,
-        "--max-distance",
-        min=0,
-        max=64,
-        help="Largest pHash Hamming distance (of 64 bits) for near duplicates.",
-    ),
-    max_jump: int = typer.Option(
-        12,
-        "--max-jump",
-        min=0,
-        max=64,
-        help="In blocks+phash, index neighbours differing by more pHash bits start a new group"
-        " (64: never, the plain union).",
-    ),
+    max_gap: int = _MAX_GAP,
+    max_distance: int = _MAX_DISTANCE,
+    max_jump: int = _MAX_JUMP,
 ) -> None:
     """Make a leakage-aware stratified group split (or k-fold) of a dataset and save it as CSV."""
     from rich.console import Console
