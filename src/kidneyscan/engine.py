@@ -169,6 +169,55 @@ def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | No
     return tqdm(iterable, desc=desc, total=total, leave=desc == "epochs", dynamic_ncols=True)
 
 
+def proximal_pairs(
+    model: nn.Module, proximal_mu: float, global_params: list[torch.Tensor] | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Pair each trainable parameter with its global value for the FedProx term.
+
+    Parameters
+    ----------
+    model
+        The local model.
+    proximal_mu
+        FedProx mu (0: no term, an empty list).
+    global_params
+        The global parameters in ``model.parameters()`` order (frozen ones included).
+    """
+    if proximal_mu < 0:
+        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
+    if proximal_mu == 0:
+        return []
+    if global_params is None:
+        raise ValueError("proximal_mu > 0 needs global_params")
+    params = list(model.parameters())
+    if len(global_params) != len(params):
+        raise ValueError(f"global_params has {len(global_params)} tensors, model has {len(params)}")
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for p, g in zip(params, global_params, strict=True):
+        if p.shape != g.shape:
+            raise ValueError(f"global_params shape {tuple(g.shape)} != {tuple(p.shape)}")
+        if p.requires_grad:
+            pairs.append((p, g.detach().to(p.device, p.dtype)))
+    return pairs
+
+
+def training_objective(
+    loss: torch.Tensor,
+    prox_pairs: list[tuple[torch.Tensor, torch.Tensor]],
+    proximal_mu: float,
+) -> torch.Tensor:
+    """Task loss plus ``mu / 2 * sum ||w - w_global||^2``; refuses a non-finite value."""
+    objective = loss
+    if prox_pairs:
+        prox = sum(((p - g) ** 2).sum() for p, g in prox_pairs)
+        objective = loss + 0.5 * proximal_mu * prox
+    if not torch.isfinite(objective):
+        raise FloatingPointError(
+            "training loss became non-finite; lower the learning rate or check the inputs"
+        )
+    return objective
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: DataLoader,
@@ -216,22 +265,7 @@ def train_one_epoch(
     dict
         ``loss`` (mean task loss, without the proximal term), ``accuracy`` and ``n``.
     """
-    if proximal_mu < 0:
-        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
-    params = list(model.parameters())
-    prox_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if proximal_mu > 0:
-        if global_params is None:
-            raise ValueError("proximal_mu > 0 needs global_params")
-        if len(global_params) != len(params):
-            raise ValueError(
-                f"global_params has {len(global_params)} tensors, model has {len(params)}"
-            )
-        for p, g in zip(params, global_params, strict=True):
-            if p.shape != g.shape:
-                raise ValueError(f"global_params shape {tuple(g.shape)} != {tuple(p.shape)}")
-            if p.requires_grad:
-                prox_pairs.append((p, g.detach().to(p.device, p.dtype)))
+    prox_pairs = proximal_pairs(model, proximal_mu, global_params)
     device = _device_of(model)
     cl = _is_channels_last(model) if channels_last is None else channels_last
     model.train()
@@ -243,15 +277,7 @@ def train_one_epoch(
         with _autocast(bf16, device):
             logits = model(x)
         loss = loss_fn(logits.float(), y)
-        objective = loss
-        if prox_pairs:
-            prox = sum(((p - g) ** 2).sum() for p, g in prox_pairs)
-            objective = loss + 0.5 * proximal_mu * prox
-        if not torch.isfinite(objective):
-            raise FloatingPointError(
-                "training loss became non-finite; lower the learning rate or check the inputs"
-            )
-        objective.backward()
+        training_objective(loss, prox_pairs, proximal_mu).backward()
         if max_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()

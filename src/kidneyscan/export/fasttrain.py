@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kidneyscan.engine import proximal_pairs, training_objective
+
 log = logging.getLogger(__name__)
 
 
@@ -220,7 +222,7 @@ def train_epoch_cached(
     """
     if not cache.is_valid_for(split):
         raise ValueError("the frozen weights changed since the features were cached; rebuild it")
-    prox_pairs = _proximal_pairs(split.model, proximal_mu, global_params)
+    prox_pairs = proximal_pairs(split.model, proximal_mu, global_params)
     split.model.train()
     gen = torch.Generator().manual_seed(seed)
     total, correct, n = 0.0, 0, 0
@@ -231,42 +233,12 @@ def train_epoch_cached(
         with ctx:
             logits = split.rest(feats)
         loss = loss_fn(logits.float(), y)
-        objective = loss
-        if prox_pairs:
-            prox = sum(((p - g) ** 2).sum() for p, g in prox_pairs)
-            objective = loss + 0.5 * proximal_mu * prox
-        if not torch.isfinite(objective):
-            raise FloatingPointError(
-                "training loss became non-finite; lower the learning rate or check the inputs"
-            )
-        objective.backward()
+        training_objective(loss, prox_pairs, proximal_mu).backward()
         optimizer.step()
         total += float(loss.detach()) * len(y)
         correct += int((logits.detach().argmax(1) == y).sum())
         n += len(y)
     return {"loss": total / n, "accuracy": correct / n, "n": float(n)}
-
-
-def _proximal_pairs(
-    model: nn.Module, proximal_mu: float, global_params: list[torch.Tensor] | None
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    # Same contract as the engine's FedProx term, so both training paths accept the same input.
-    if proximal_mu < 0:
-        raise ValueError(f"proximal_mu must be >= 0, got {proximal_mu}")
-    if proximal_mu == 0:
-        return []
-    if global_params is None:
-        raise ValueError("proximal_mu > 0 needs global_params")
-    params = list(model.parameters())
-    if len(global_params) != len(params):
-        raise ValueError(f"global_params has {len(global_params)} tensors, model has {len(params)}")
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for p, g in zip(params, global_params, strict=True):
-        if p.shape != g.shape:
-            raise ValueError(f"global_params shape {tuple(g.shape)} != {tuple(p.shape)}")
-        if p.requires_grad:
-            pairs.append((p, g.detach().to(p.device, p.dtype)))
-    return pairs
 
 
 def _null() -> Any:
