@@ -192,10 +192,18 @@ def test_recorder_delegates_to_inner_strategy() -> None:
 # --------------------------------------------------------------------------- simulation
 
 
+# freeze_fraction is explicit: without weights the app trains the whole backbone (tested below),
+# and these tests exercise the frozen part staying at each site.
 HYBRID = {
     "model": "hybrid",
     "model-kwargs": json.dumps(
-        {"backbone": "convnext_atto", "embed_dim": 64, "depth": 1, "num_heads": 4}
+        {
+            "backbone": "convnext_atto",
+            "embed_dim": 64,
+            "depth": 1,
+            "num_heads": 4,
+            "freeze_fraction": 0.8,
+        }
     ),
     "image-size": 64,
 }
@@ -348,3 +356,17 @@ def test_dp_run_stops_before_the_epsilon_budget(phantom_dir: Path, tmp_path: Pat
     assert "privacy budget" in summary["stopped_reason"]
     assert eps == sorted(eps) and eps[-1] <= budget
     assert eps[-1] == pytest.approx(acc.epsilon_after(2), rel=1e-6)
+
+
+def test_hybrid_without_weights_trains_its_whole_backbone() -> None:
+    cfg = task.run_config(
+        {"model": "hybrid", "model-kwargs": json.dumps({"backbone": "convnext_atto"})}
+    )
+    assert task.model_spec(cfg)["kwargs"]["freeze_fraction"] == 0.0
+    with_weights = task.run_config(
+        {
+            "model": "hybrid",
+            "model-kwargs": json.dumps({"backbone": "convnext_atto", "weights": "w.pt"}),
+        }
+    )
+    assert "freeze_fraction" not in task.model_spec(with_weights)["kwargs"]

@@ -167,6 +167,10 @@ def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     kwargs.setdefault("in_chans", int(cfg["in-chans"]))
     if cfg["model"] == "hybrid":  # its positional embedding is sized for the input
         kwargs.setdefault("image_size", int(cfg["image-size"]))
+        if not kwargs.get("pretrained") and not kwargs.get("weights"):
+            # Same rule as central training: freezing a randomly initialised backbone only
+            # cripples it; with pretrained or local weights the model's 80 % default applies.
+            kwargs.setdefault("freeze_fraction", 0.0)
     return {"name": str(cfg["model"]), "kwargs": kwargs}
 
 
