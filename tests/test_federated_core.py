@@ -80,6 +80,23 @@ def test_same_seed_builds_identical_models() -> None:
         assert torch.equal(va, vb)
 
 
+def test_demo_model_trains_its_whole_randomly_initialised_backbone() -> None:
+    # Prepare: the demo's run config (no pretrained weights anywhere), at the tests' 64 px.
+    from kidneyscan.federated.simulation import DEMO_MODEL_KWARGS
+
+    cfg = task.run_config(
+        {"model": "hybrid", "model-kwargs": json.dumps(DEMO_MODEL_KWARGS), "image-size": 64}
+    )
+
+    # Execute
+    model = task.build_model(cfg)
+
+    # Assert: freezing a random backbone (the hybrid's default 0.8) kept the demo at chance.
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen == []
+    assert set(task.trainable_keys(model)) >= {n for n, _ in model.named_parameters()}
+
+
 def test_only_trainable_tensors_travel_and_round_trip() -> None:
     model = _tiny_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

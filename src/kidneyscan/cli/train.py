@@ -317,9 +317,9 @@ def compare(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo run folder."),
-    n: int = typer.Option(320, "--n", help="Phantom images to generate."),
-    image_size: int = typer.Option(64, "--image-size", help="Model input side in pixels."),
-    rounds: int = typer.Option(4, "--rounds", min=1, help="Federated rounds."),
+    n: int = typer.Option(600, "--n", help="Phantom images to generate."),
+    image_size: int = typer.Option(128, "--image-size", help="Model input side in pixels."),
+    rounds: int = typer.Option(6, "--rounds", min=1, help="Federated rounds."),
     local_epochs: int = typer.Option(
         2,
         "--epochs",
