@@ -220,3 +220,33 @@ def test_skipped_round_costs_nothing_and_exhausted_budget_sends_nothing() -> Non
     assert out[1] == (None, None)
     assert out[2][1]["dp-epsilon"] == pytest.approx(reference.epsilon_after(2))
     assert fourth == [] and inner.configured == [1, 2, 3]
+
+
+def test_federate_cli_passes_the_dp_settings_to_the_run_config(
+    phantom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    import kidneyscan.federated.simulation as simulation
+    from kidneyscan.cli import app
+
+    seen: dict = {}
+
+    def fake_simulate(config: dict, **kwargs: object) -> dict:
+        seen.update(config)
+        return {"completed_round": 0, "best": {}}
+
+    monkeypatch.setattr(simulation, "simulate", fake_simulate)
+    result = CliRunner().invoke(
+        app,
+        [
+            "federate", "--data", str(phantom_dir), "--clients", "2", "--partitioning", "iid",
+            "--dp", "server-fixed", "--dp-noise-multiplier", "2.5", "--dp-clipping-norm", "3",
+            "--dp-delta", "1e-6", "--dp-epsilon-budget", "7", "--out", str(tmp_path / "run"),
+        ],
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    assert seen["dp"] == "server-fixed"
+    assert (seen["dp-noise-multiplier"], seen["dp-clipping-norm"]) == (2.5, 3.0)
+    assert (seen["dp-delta"], seen["dp-epsilon-budget"]) == (1e-6, 7.0)

@@ -94,6 +94,18 @@ def federate(
     dp: str = typer.Option(
         "none", "--dp", help="Differential privacy: none, server-fixed, client-fixed, ..."
     ),
+    dp_noise_multiplier: float = typer.Option(
+        1.0, "--dp-noise-multiplier", help="DP: Gaussian noise std / clipping norm (sigma)."
+    ),
+    dp_clipping_norm: float = typer.Option(
+        1.0, "--dp-clipping-norm", help="DP: L2 bound of each hospital's update."
+    ),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="DP: delta of the reported epsilon."),
+    dp_epsilon_budget: float = typer.Option(
+        0.0,
+        "--dp-epsilon-budget",
+        help="DP: stop before epsilon would exceed this (0: no budget, epsilon still reported).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed for splits, partitions and models."),
     cpus_per_client: float = typer.Option(
         1.0, "--cpus-per-client", help="Ray CPUs per client (1 on a 2-core laptop)."
@@ -183,6 +195,10 @@ def federate(
             "split-file": prepared["split-file"],
             "num-clients": clients,
             "dp": dp,
+            "dp-noise-multiplier": dp_noise_multiplier,
+            "dp-clipping-norm": dp_clipping_norm,
+            "dp-delta": dp_delta,
+            "dp-epsilon-budget": dp_epsilon_budget,
         }
         summary = simulate(
             config, num_clients=clients, cpus_per_client=cpus_per_client, verbose=verbose
