@@ -275,7 +275,6 @@ def main() -> None:
         "image_size": args.image_size,
         "with_dp": not args.no_dp,
         "n_boot": args.bootstrap,
-        "batch_size": BATCH_SIZE,
     }
     if not args.skip_phantom:
         ph = args.out / "phantom_data"
