@@ -17,16 +17,6 @@ from kidneyscan.models.checkpoint import (
 )
 from kidneyscan.models.factory import create_classifier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # 2 shared cores: torch's default intra-op threads spin and multiply CPU time several-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
 PREP = {"steps": [], "image_size": 64, "in_chans": 3}
 TINY_HYBRID = {

@@ -12,16 +12,6 @@ from kidneyscan.models.checkpoint import save_checkpoint
 from kidneyscan.models.ensemble import EnsembleError, SoftVotingEnsemble, load_ensemble
 from kidneyscan.models.factory import create_classifier
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # 2 shared cores: torch's default intra-op threads spin and multiply CPU time several-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
 
 

@@ -17,16 +17,6 @@ from kidneyscan.models.factory import (
     trainable_state_keys,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # 2 shared cores: torch's default intra-op threads spin and multiply CPU time several-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 HYBRID = {"backbone": "convnext_atto", "image_size": 64, "embed_dim": 32, "depth": 1}
 
 # (name, kwargs, input side, embedding size). Heavy ones run once at a tiny input size.

@@ -11,16 +11,6 @@ from kidneyscan.models.factory import create_classifier, trainable_state_keys
 from kidneyscan.models.hybrid import HybridConvNeXtViT
 from kidneyscan.models.weights import backbone_units, freeze_backbone
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # 2 shared cores: torch's default intra-op threads spin and multiply CPU time several-fold.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 TINY = {"backbone": "convnext_atto", "image_size": 64, "embed_dim": 64, "depth": 1, "num_heads": 8}
 
 
