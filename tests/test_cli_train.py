@@ -258,23 +258,9 @@ def test_help_texts() -> None:
 @pytest.mark.slow
 def test_central_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    res = runner.invoke(
-        app,
-        [
-            "demo",
-            "--central",
-            "--out",
-            str(out),
-            "--n",
-            "56",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--threads",
-            "1",
-        ],
-    )
+    args = ["demo", "--central", "--out", str(out), "--n", "56"]
+    args += ["--rounds", "1", "--local-epochs", "1", "--threads", "1"]
+    res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     meta = json.loads((out / "checkpoint" / "metadata.json").read_text())
     assert meta["model"]["name"] == "hybrid"
@@ -282,23 +268,7 @@ def test_central_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
     assert "macro-F1" in res.output
     # A second demo run reuses the generated phantom.
     stamp = (out / "data" / ".demo.json").stat().st_mtime
-    res = runner.invoke(
-        app,
-        [
-            "demo",
-            "--central",
-            "--out",
-            str(out),
-            "--n",
-            "56",
-            "--rounds",
-            "1",
-            "--local-epochs",
-            "1",
-            "--threads",
-            "1",
-        ],
-    )
+    res = runner.invoke(app, args)
     assert res.exit_code == 0 and (out / "data" / ".demo.json").stat().st_mtime == stamp
 
 
