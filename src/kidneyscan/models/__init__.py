@@ -1,1 +1,6 @@
-"""Models: the hybrid ConvNeXt + Transformer, transfer-learning baselines, ensemble, checkpoints."""
+"""Models: the hybrid CNN + Transformer, transfer-learning baselines, ensemble, checkpoints.
+
+Importing the package registers ``ct_resnet152`` (the CT-pretrained backbone) with timm.
+"""
+
+from kidneyscan.models import ct_resnet as _ct_resnet  # noqa: F401  (timm registration)

