@@ -17,7 +17,7 @@ EXPECTED_STEPS = {
     "smooth_mean", "smooth_gaussian", "smooth_median", "smooth_bilateral", "fft_filter",
     "mean_arithmetic", "mean_geometric", "mean_harmonic", "mean_contraharmonic", "median",
     "median_adaptive", "mean_alpha_trimmed", "wiener", "nlm", "tv", "bm3d", "notch",
-    "restore_auto", "denoise", "dilate", "erode", "open", "close", "crop_kidneys", "crop_body",
+    "restore_auto", "denoise", "dilate", "erode", "open", "close", "crop_kidney_band", "crop_body",
 }  # fmt: skip
 
 
@@ -43,9 +43,10 @@ def test_round_trip_through_json_gives_identical_tensor(image: np.ndarray) -> No
             {"name": "denoise", "method": "nlm"},
             {"name": "clahe", "clip_limit": 2.0},
             {"name": "match_histogram", "reference": enhance.reference_quantiles(ref, n=64)},
-            {"name": "crop_kidneys", "method": "otsu"},
+            {"name": "crop_kidney_band", "below": 0.2},
         ],
         image_size=64,
+        image_width=96,
         in_chans=3,
     )
     # Execute
@@ -53,9 +54,9 @@ def test_round_trip_through_json_gives_identical_tensor(image: np.ndarray) -> No
     a, b = pre(image), rebuilt(image)
     # Assert
     assert rebuilt.to_dict() == pre.to_dict()
-    assert a.shape == (3, 64, 64) and a.dtype == torch.float32
+    assert a.shape == (3, 64, 96) and a.dtype == torch.float32
     assert torch.equal(a, b)
-    assert not torch.equal(a, Preprocessor(image_size=64)(image))  # the steps did something
+    assert not torch.equal(a, Preprocessor(image_size=64, image_width=96)(image))  # steps ran
 
 
 @pytest.mark.parametrize(
@@ -77,6 +78,8 @@ def test_steps_run_in_pipeline(steps: list[dict], image: np.ndarray) -> None:  #
 def test_bad_step_parameters_name_the_problem(image: np.ndarray) -> None:
     with pytest.raises(ValueError, match="unknown pipeline step"):
         Preprocessor(steps=[{"name": "denoise_magic"}])
+    with pytest.raises(ValueError, match="retired; use crop_kidney_band"):
+        Preprocessor(steps=[{"name": "crop_kidneys"}])
     with pytest.raises(ValueError, match="odd integer"):
         Preprocessor(steps=[{"name": "median", "size": 4}]).image(image)
     with pytest.raises(ValueError, match="unknown CT window"):

@@ -92,24 +92,9 @@ def test_segment_lesions_inside_true_kidneys(lesion: str, bound: float) -> None:
     assert not segment.segment_lesions(clean_img, clean_masks["kidney"], method="otsu").any()
 
 
-def test_crop_kidneys_keeps_both_kidneys_and_zooms() -> None:
-    img, masks = _noisy(128, "stone", 2)
-    (t, lft, b, r), source = roi.kidney_box(img)
-    assert source == "kidneys"
-    assert b - t == r - lft  # square
-    rows, cols = np.nonzero(masks["kidney"])
-    assert t <= rows.min() and rows.max() < b and lft <= cols.min() and cols.max() < r
-    crop = roi.crop_kidneys(img)
-    assert crop.shape == (b - t, r - lft) and crop.dtype == np.float32
-
-
-def test_crop_falls_back_to_body_and_full_image() -> None:
-    blank = np.zeros((64, 64), np.float32)
-    assert roi.kidney_box(blank) == ((0, 0, 64, 64), "full")
+def test_crop_body_is_a_square_around_the_body() -> None:
     disc = np.zeros((64, 64), np.float32)
     yy, xx = np.mgrid[0:64, 0:64]
-    disc[(yy - 32) ** 2 + (xx - 32) ** 2 <= 15**2] = 0.5  # a body with no kidneys
-    box, source = roi.kidney_box(disc)
-    assert source == "body"
+    disc[(yy - 32) ** 2 + (xx - 32) ** 2 <= 15**2] = 0.5
     crop = roi.crop_body(disc)
     assert 30 <= crop.shape[0] <= 37 and crop.shape[0] == crop.shape[1]

@@ -67,6 +67,8 @@ METADATA_COLUMNS: tuple[str, ...] = (
 _PHASES = ("none", "arterial", "portal")
 #: Chance that the file numbering jumps (by 20-200) before a patient, as between scan series.
 SERIES_BREAK_PROB = 0.1
+#: Kidney centre relative to the vertebral body's centre (mm, + is posterior).
+KIDNEY_DY = -6.0
 _SHIFT = 4  # fixed-point bits for OpenCV drawing: sub-pixel accurate outlines at 64 px
 _SCALE = float(1 << _SHIFT)
 
@@ -311,6 +313,8 @@ def _sample_patient(
         x = float(rng.uniform(-0.28, 0.36)) * width
         y = cy + float(rng.uniform(-0.42, 0.08)) * height
         r = float(rng.uniform(7, 16))
+        # intraperitoneal: in front of the retroperitoneum (spine, aorta, kidneys)
+        y = min(y, spine_y - 38.0 - r)
         content = str(rng.choice(["gas", "fluid", "feces", "wall"], p=[0.25, 0.3, 0.2, 0.25]))
         if bowel_contrast and rng.random() < 0.4:
             content = "contrast"
@@ -339,7 +343,8 @@ def _sample_patient(
         fat=fat,
         phase=phase,
         enh=site.contrast_scale * float(rng.uniform(0.85, 1.15)),
-        kidney_dx=float(rng.uniform(0.2, 0.25)) * width,
+        # kidney centres 6-8 cm from the midline; fat, not kidney, widens larger patients
+        kidney_dx=float(rng.uniform(60, 78)) * (0.9 + 0.1 * width / 300),
         kidney_size=kidney_size,
         kidney_angle=float(rng.uniform(20, 45)),
         left_offset=float(rng.uniform(0.0, 0.15)),
@@ -687,7 +692,9 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
     cv.fill(_shape(0, sy + 40, 3, 9), post)  # spinous process
     cv.fill(_shape(0, sy + 22, 8, 7), 10.0)  # spinal canal (CSF)
     # aorta (patient left = image right, anterior to spine) and IVC (patient right)
-    ax, ay, ar = 6 + 0.25 * vr, sy - vr - 12, 11.0 * float(0.9 + 0.2 * (p.width > 300))
+    # anterior and to the left of the vertebral body, touching it, as at the renal hilum
+    ar = 11.0 * float(0.9 + 0.2 * (p.width > 300))
+    ax, ay = 0.8 * vr + 2, sy - 0.85 * vr - 0.6 * ar
     cv.fill(_shape(ax, ay, ar, ar), t["aorta"])
     calcified = bool(p.aortic_calc)
     for start, extent in p.aortic_calc:
@@ -707,7 +714,8 @@ def _render(p: _Patient, level: float, rng: np.random.Generator, image_size: int
             continue
         a = 30.0 * p.kidney_size * (0.45 + 0.55 * f)
         b = 21.0 * p.kidney_size * (0.5 + 0.5 * f)
-        kx, ky = s * p.kidney_dx, sy + 6.0
+        # kidney centres a little anterior to the vertebral body's centre, as on real slices
+        kx, ky = s * p.kidney_dx, sy + KIDNEY_DY
         # long axis from anterolateral to posteromedial; in the kidney frame (u along the long
         # axis, v along the short one) the hilum lies at v = +s (anteromedial)
         ang = 90.0 + s * p.kidney_angle
@@ -838,7 +846,7 @@ def _draw_lesions(
         side = les.side if les.side in frames else (-les.side if -les.side in frames else None)
         if side is None:  # slice below both kidneys: keep the lesion on the nearest pole
             side = les.side
-            frames[side] = (side * p.kidney_dx, p.spine_y + 6, 14.0, 10.0, 90.0)
+            frames[side] = (side * p.kidney_dx, p.spine_y + KIDNEY_DY, 14.0, 10.0, 90.0)
         ang = frames[side][4]
         # v > 0 means towards the hilum (medial) whichever kidney holds the lesion
         x, y = _kidney_point(frames[side], les.u, les.v * side)

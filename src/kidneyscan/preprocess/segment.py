@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
+import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
@@ -142,12 +143,18 @@ def segment_edges(
 def body_mask(image: np.ndarray, *, level: float = 0.03) -> np.ndarray:
     """The patient's body: largest component above air level, holes filled, table removed.
 
-    An opening with a disk of ~2% of the image side detaches the thin scanner table.
+    A closing (disk of ~2 % of the image side) and hole filling come first: some scans'
+    windows show fat as black, and only the skin outline and the organs then outline the body.
+    An opening with the same disk then detaches the thin scanner table. OpenCV's morphology
+    keeps this at a few milliseconds for a 256 px image.
     """
     img = as_image(image)
-    fg = filters.gaussian(img, sigma=1.0) > level
     r = max(1, round(img.shape[0] * 0.02))
-    fg = opening(fg, shape="disk", radius=r)
+    disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    fg: np.ndarray = (cv2.GaussianBlur(img, (0, 0), 1.0) > level).astype(np.uint8)
+    fg = np.asarray(cv2.morphologyEx(fg, cv2.MORPH_CLOSE, disk))
+    fg = ndi.binary_fill_holes(fg).astype(np.uint8)
+    fg = np.asarray(cv2.morphologyEx(fg, cv2.MORPH_OPEN, disk))
     lab = measure.label(fg)
     if lab.max() == 0:
         return np.zeros(img.shape, dtype=bool)

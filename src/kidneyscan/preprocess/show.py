@@ -26,7 +26,7 @@ def show_panel(image_path: Path, steps: list[dict[str, Any]], out: Path) -> Path
 
     from kidneyscan.data.datasets import load_image
     from kidneyscan.preprocess.pipeline import STEPS, Preprocessor
-    from kidneyscan.preprocess.roi import kidney_box
+    from kidneyscan.preprocess.roi import kidney_band_box
     from kidneyscan.preprocess.segment import segment_kidneys
 
     pre = Preprocessor(steps=steps)  # validates names before any work
@@ -49,12 +49,13 @@ def show_panel(image_path: Path, steps: list[dict[str, Any]], out: Path) -> Path
         ax.axis("off")
     ax = axes[-1]
     kid = segment_kidneys(cur, method="watershed")
-    (t, lft, b, r), source = kidney_box(cur, method="watershed")
+    band = kidney_band_box(cur)
+    t, lft, b, r = band.as_tuple()
     ax.imshow(cur, cmap="gray", vmin=0, vmax=1)
     if kid.any():
         ax.contour(kid, levels=[0.5], colors="red", linewidths=0.8)
     ax.add_patch(plt.Rectangle((lft, t), r - lft, b - t, fill=False, color="yellow"))
-    ax.set_title(f"kidneys (red), crop box from {source} (yellow)", fontsize=9)
+    ax.set_title(f"kidneys (red), kidney band from {band.source} (yellow)", fontsize=9)
     ax.axis("off")
     fig.suptitle(Path(image_path).name, fontsize=10)
     fig.tight_layout()
