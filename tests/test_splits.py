@@ -344,3 +344,50 @@ def test_greedy_fold_choice_also_keeps_every_class(monkeypatch: pytest.MonkeyPat
     for name in ("train", "val", "test"):
         assert set(split.info["per_split"][name]) == set(CLASSES)
     assert 0.15 <= split.info["fractions"]["test"] <= 0.25
+
+
+def _index_range(members: list[Sample], name: str) -> tuple[int, int]:
+    idx = [s.index for s in members if s.class_name == name]
+    return min(idx), max(idx)  # type: ignore[type-var]
+
+
+def test_band_kfold_is_band_k_of_every_class_in_file_number_order() -> None:
+    # Prepare: shuffled input order, so only the file numbers can give the bands
+    samples = _fake_samples(n_blocks=10)
+    samples = [samples[i] for i in np.random.default_rng(0).permutation(len(samples))]
+    # Execute
+    kf = splits.make_kfold(samples, 5, grouping="bands")
+    # Assert: equal folds; within each class fold k is one contiguous index range, all of it
+    # below fold k+1's (so no two folds interleave, whatever blocks the numbers form)
+    assert sorted(kf) == [f"fold{i}" for i in range(5)] and kf.info["grouping"] == "bands"
+    assert {len(v) for v in kf.values()} == {len(samples) // 5}
+    for name in CLASSES:
+        ranges = [_index_range(kf[f"fold{i}"], name) for i in range(5)]
+        assert all(a[1] < b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+        assert sum(s.class_name == name for s in kf["fold0"]) == len(samples) // 20
+
+
+def test_band_split_holds_out_whole_bands_by_seed_and_auto_uses_bands() -> None:
+    samples = _fake_samples(n_blocks=14)
+    split = splits.make_split(samples, val=0.15, test=0.15, seed=0)
+    other = splits.make_split(samples, val=0.15, test=0.15, seed=1)
+    assert split.info["grouping"] == "bands" and split.info["n_bands"] == 7
+    assert len(split.info["test_bands"]) == len(split.info["val_bands"]) == 1
+    assert (split.info["test_bands"], split.info["val_bands"]) != (
+        other.info["test_bands"],
+        other.info["val_bands"],
+    )
+    assert splits.crossing_groups(split) == {}
+    for name in CLASSES:
+        lo, hi = _index_range(split["test"], name)
+        # a test band is contiguous: no train or val image of that class falls inside it
+        assert not [
+            s
+            for p in ("train", "val")
+            for s in split[p]
+            if s.class_name == name and lo <= s.index <= hi  # type: ignore[operator]
+        ]
+    kf = splits.make_kfold(samples, 5, test=0.15, grouping="bands")
+    assert sorted(kf) == [*(f"fold{i}" for i in range(5)), "test"]
+    with pytest.raises(DataError, match="fewer than the 5 bands"):
+        splits.index_bands(samples[:3], 5)

@@ -13,7 +13,9 @@ from kidneyscan.cli._app import app
 
 _GROUPING_HELP = (
     "How images are grouped so no group spans two splits: auto (patient ids when known, else"
-    " blocks+phash), blocks, phash, blocks+phash, patient, none (image-level, leaky)."
+    " bands), bands (K contiguous file-number bands per class; fold k = band k of every"
+    " class; the strictest without patient ids), blocks, phash, blocks+phash, patient,"
+    " none (image-level, leaky)."
 )
 
 
