@@ -112,7 +112,7 @@ def test_hybrid_checkpoint_is_served_and_explained(tmp_path):
         assert resp.status_code == 200, resp.get_data(as_text=True)
         maps[cls] = resp.get_json()["results"][0]["explanation"]
     # Assert: Grad-CAM on the backbone's last ConvNeXt stage, heatmap depends on the class.
-    assert maps["Cyst"]["layer"] == "backbone.stages.3"
+    assert maps["Cyst"]["layer"] == "backbone.stages.3.blocks.1"
     pngs = [base64.b64decode(m["heatmap_png"]) for m in maps.values()]
     heat = [np.asarray(Image.open(io.BytesIO(p))) for p in pngs]
     assert heat[0].shape == (64, 64, 4)

@@ -86,7 +86,14 @@ def test_default_cfg_follows_the_model() -> None:
     assert default_cfg("vit_b16")["mean"] == (0.5, 0.5, 0.5)
     assert default_cfg("vit_b16")["input_size"] == (3, 224, 224)
     assert default_cfg("inception_v3")["image_size"] == 299
-    assert default_cfg("hybrid", image_size=128)["input_size"] == (3, 128, 128)
+    # the hybrid's default backbone (the CT ResNet-152) keeps the kidney band's 1.5 aspect
+    assert default_cfg("hybrid", image_size=128)["input_size"] == (3, 128, 192)
+    assert default_cfg("hybrid", backbone="convnext_atto", image_size=128)["input_size"] == (
+        3,
+        128,
+        128,
+    )
+    assert default_cfg("hybrid", image_size=64, image_width=80)["image_width"] == 80
     assert default_cfg("efficientnet_lite0")["std"] == (0.5, 0.5, 0.5)
     assert default_cfg("small_cnn", in_chans=1)["input_size"] == (1, 224, 224)
     assert set(default_cfg("googlenet")) >= {"input_size", "mean", "std", "image_size"}

@@ -41,13 +41,16 @@ def test_encoder_sees_spatial_tokens(tiny_hybrid: HybridConvNeXtViT) -> None:
     assert tiny_hybrid.pos_embed.weight.shape == (1, 4, 64)
 
 
-def test_default_geometry_is_49_tokens_of_768() -> None:
-    # convnext_tiny at 224 px: 7 x 7 grid; built on the meta device would skip the probe, so
-    # only read the configured geometry from a real (untrained) model.
+def test_default_geometry_is_77_tokens_of_768_from_the_ct_backbone() -> None:
+    # ct_resnet152 on the 224 x 336 kidney band: a 7 x 11 grid of its last stage (random
+    # weights here: only the configured geometry is read).
     model = HybridConvNeXtViT(4, depth=1)
-    assert model.grid_size == (7, 7)
-    assert model.pos_embed.weight.shape == (1, 49, 768)
+    assert model.backbone_name == "ct_resnet152"
+    assert (model.image_size, model.image_width) == (224, 336)
+    assert model.grid_size == (7, 11)
+    assert model.pos_embed.weight.shape == (1, 77, 768)
     assert model.blocks[0].attn.num_heads == 8
+    assert type(model.token_layer()).__name__ == "Bottleneck"
 
 
 def test_attention_varies_across_tokens(tiny_hybrid: HybridConvNeXtViT) -> None:

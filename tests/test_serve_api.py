@@ -130,7 +130,7 @@ def test_served_tensor_equals_evaluation_tensor(app, tmp_path, kind):
     predictor = get_state(app).predictor
     # Execute
     eval_tensor = predictor.preprocessor(load_image(path))
-    _, served_tensor = predictor.prepare(decode_upload(data).image)
+    _, served_tensor, _ = predictor.prepare(decode_upload(data).image)
     # Assert
     assert served_tensor.shape == (3, 64, 64)
     assert torch.equal(served_tensor, eval_tensor)

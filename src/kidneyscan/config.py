@@ -76,6 +76,17 @@ class TrainConfig:
         Epochs of head-only training on the SMOTE-resampled embeddings.
     cache_images
         Keep preprocessed images in memory between epochs (faster; RAM = N * S * S * 4 bytes).
+    cache_features
+        When the model has a frozen backbone prefix (a pretrained hybrid), compute the prefix's
+        output once per image and train only the rest on it (:mod:`kidneyscan.features`;
+        on disk under ``$KIDNEYSCAN_CACHE``). Pixel augmentation is then replaced by the
+        stored ``feature_views``.
+    feature_views
+        Views cached per image: ``orig`` and optionally ``hflip`` (the mirrored image; training
+        draws one view per image and epoch).
+    tta
+        With cached features: average the logits over the stored views at evaluation
+        (test-time augmentation; the service does the same).
     """
 
     epochs: int = 10
@@ -94,6 +105,9 @@ class TrainConfig:
     augment: bool = True
     smote_epochs: int = 30
     cache_images: bool = False
+    cache_features: bool = True
+    feature_views: list[str] = field(default_factory=lambda: ["orig", "hflip"])
+    tta: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -121,6 +135,12 @@ class TrainConfig:
             raise ConfigError("train.num_workers must be >= 0")
         if self.smote_epochs < 1:
             raise ConfigError("train.smote_epochs must be >= 1")
+        views = list(self.feature_views)
+        if not views or views[0] != "orig" or not set(views) <= {"orig", "hflip"}:
+            raise ConfigError(
+                f"train.feature_views must start with 'orig' (then optionally 'hflip'), got {views}"
+            )
+        object.__setattr__(self, "feature_views", views)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/YAML ready)."""
@@ -143,17 +163,24 @@ class ExperimentConfig:
     model_kwargs
         Extra keyword arguments for the factory (e.g. ``{"backbone": "convnext_atto"}``).
     image_size
-        Square input side in pixels.
+        Input height in pixels (and width unless ``image_width`` is given).
+    image_width
+        Input width in pixels (``None``: square). The default recipe feeds the kidney band,
+        224 x 336.
     in_chans
         1 or 3 input channels (grayscale repeated for 3).
     task
         ``multiclass`` (Cyst/Normal/Stone/Tumor) or ``stone-vs-normal`` (two classes).
     steps
-        Preprocessing steps for :class:`kidneyscan.preprocess.pipeline.Preprocessor`.
+        Preprocessing steps for :class:`kidneyscan.preprocess.pipeline.Preprocessor`
+        (default: the kidney-band crop).
     pretrained
         Ask the factory for hub weights (needs internet; warns and falls back offline).
     weights
-        Local weights file for the backbone.
+        Local weights file for the backbone, a named source (``astra``,
+        ``efficientnet-lite0``) or ``none`` for random initialisation. ``None`` (the default)
+        uses the model's offline default weights where it has them
+        (:func:`kidneyscan.models.factory.default_weights`: ``astra`` for ``ct_resnet152``).
     train
         The training recipe.
     """
@@ -161,9 +188,10 @@ class ExperimentConfig:
     model: str = "hybrid"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224
+    image_width: int | None = 336
     in_chans: int = 3
     task: str = "multiclass"
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "crop_kidney_band"}])
     pretrained: bool = False
     weights: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -173,6 +201,8 @@ class ExperimentConfig:
             raise ConfigError(f"task must be one of {TASKS}, got {self.task!r}")
         if self.image_size < 8:
             raise ConfigError(f"image_size must be >= 8, got {self.image_size}")
+        if self.image_width is not None and self.image_width < 8:
+            raise ConfigError(f"image_width must be >= 8 or null, got {self.image_width}")
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
 
@@ -214,6 +244,9 @@ def _build(cls: Any, d: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(names)}")
     kwargs: dict[str, Any] = {}
     for key, value in d.items():
+        if value is None and "None" in str(names[key].type):
+            kwargs[key] = None
+            continue
         default = getattr(cls(), key) if key != "train" else None
         if isinstance(default, bool) and not isinstance(value, bool):
             raise ConfigError(f"{where}.{key}: expected true/false, got {value!r}")

@@ -25,6 +25,7 @@ from kidneyscan.engine import FitResult, fit, predict, set_seed, softmax
 from kidneyscan.evaluation.calibration import expected_calibration_error, fit_temperature
 from kidneyscan.evaluation.metrics import classification_metrics
 from kidneyscan.evaluation.report import write_report
+from kidneyscan.models.factory import weights_provenance
 from kidneyscan.preprocess.pipeline import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -59,54 +60,64 @@ class RunResult:
     temperature: float
 
 
+def run_weights(cfg: ExperimentConfig) -> str | None:
+    """The weights a run starts from: ``cfg.weights``, else the model's offline default.
+
+    ``weights: none`` asks for random initialisation explicitly.
+    """
+    from kidneyscan.models.factory import default_weights
+
+    if cfg.weights is not None:
+        return None if str(cfg.weights).lower() == "none" else cfg.weights
+    if cfg.pretrained:
+        return None
+    return default_weights(cfg.model, **cfg.model_kwargs)
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """Create the configured model and the ``{"name", "kwargs"}`` spec that rebuilds it.
 
-    For the hybrid, ``image_size`` follows the run's input size, and without pretrained or
-    local weights nothing is frozen (``freeze_fraction=0``) unless the config says otherwise:
-    freezing a randomly initialised backbone would only cripple it.
+    For the hybrid, the input size follows the run's, and without pretrained or local weights
+    nothing is frozen (``freeze_fraction=0``) unless the config says otherwise: freezing a
+    randomly initialised backbone would only cripple it. Weights default to the model's offline
+    ones (:func:`run_weights`).
     """
     from kidneyscan.models.factory import create_classifier
 
     kwargs = dict(cfg.model_kwargs)
+    weights = run_weights(cfg)
     if cfg.model == "hybrid":
         kwargs.setdefault("image_size", cfg.image_size)
-        if not cfg.pretrained and not cfg.weights and "freeze_fraction" not in kwargs:
+        if cfg.image_width is not None:
+            kwargs.setdefault("image_width", cfg.image_width)
+        if not cfg.pretrained and not weights and "freeze_fraction" not in kwargs:
             kwargs["freeze_fraction"] = 0.0
             log.info("hybrid without pretrained weights: training the whole backbone")
     elif cfg.model in ("vit_b16", "swin_t") or cfg.model.startswith(("vit_", "swin")):
         # Transformers with fixed patch grids must be built for the run's input size.
-        kwargs.setdefault("img_size", cfg.image_size)
+        size = [cfg.image_size, cfg.image_width] if cfg.image_width else cfg.image_size
+        kwargs.setdefault("img_size", size)
     if cfg.in_chans != 3:
         kwargs.setdefault("in_chans", cfg.in_chans)
     model = create_classifier(
-        cfg.model, num_classes, pretrained=cfg.pretrained, weights=cfg.weights, **kwargs
+        cfg.model, num_classes, pretrained=cfg.pretrained, weights=weights, **kwargs
     )
     spec = getattr(model, "kidneyscan_spec", None) or {"name": cfg.model, "kwargs": kwargs}
     return model, dict(spec)
 
 
 def make_preprocessor(cfg: ExperimentConfig) -> Preprocessor:
-    """The run's Preprocessor: config steps and size, mean/std from the model's data config.
+    """The run's Preprocessor: config steps and size, normalisation from the model's data
+    config (:func:`kidneyscan.models.factory.model_preprocessor`)."""
+    from kidneyscan.models.factory import model_preprocessor
 
-    Mean and std follow timm's data config for the architecture (e.g. 0.5/0.5 for
-    EfficientNet-Lite, ImageNet statistics for ConvNeXt), which matters when pretrained
-    weights are used.
-    """
-    from kidneyscan.models.factory import default_cfg
-
-    try:
-        dc = default_cfg(cfg.model, **{**cfg.model_kwargs, "image_size": cfg.image_size})
-        mean, std = tuple(dc["mean"]), tuple(dc["std"])
-    except ValueError:
-        # Unknown to timm's registry (custom name): keep the ImageNet defaults.
-        mean, std = Preprocessor().mean, Preprocessor().std
-    return Preprocessor(
+    return model_preprocessor(
+        cfg.model,
+        cfg.model_kwargs,
         steps=list(cfg.steps),
         image_size=cfg.image_size,
+        image_width=cfg.image_width,
         in_chans=cfg.in_chans,
-        mean=mean,
-        std=std,
     )
 
 
@@ -195,6 +206,133 @@ def _metrics_for(
     return m
 
 
+@dataclass
+class TrainingData:
+    """What the epoch loop trains on, and how to get logits of a split afterwards.
+
+    Attributes
+    ----------
+    model
+        The module :func:`~kidneyscan.engine.fit` trains: the model itself on pixels, or its
+        trainable tail (:class:`~kidneyscan.models.frozen.FrozenTail`) on cached features.
+    train_loader, val_loader, smote_loader
+        Loaders for :func:`~kidneyscan.engine.fit`.
+    logits
+        ``name -> (logits, labels)`` for ``"val"`` / ``"test"`` with the trained model.
+    cached
+        Whether training runs on cached frozen-prefix features.
+    describe
+        Facts for the report (feature cache, views).
+    """
+
+    model: nn.Module
+    train_loader: Any
+    val_loader: Any
+    smote_loader: Any
+    logits: Any
+    cached: bool
+    describe: dict[str, Any]
+
+
+def training_data(
+    model: nn.Module,
+    parts: dict[str, list[Sample]],
+    pre: Preprocessor,
+    tc: TrainConfig,
+    *,
+    num_classes: int,
+    progress: bool = True,
+    cache_root: str | Path | None = None,
+) -> TrainingData:
+    """Loaders for a run: cached frozen-prefix features when the model allows, else pixels.
+
+    With ``tc.cache_features`` and a hybrid whose leading backbone modules are frozen, every
+    image of every split goes through the frozen prefix once (stored on disk, see
+    :mod:`kidneyscan.features`) and the epochs train only the tail; otherwise images are
+    loaded, preprocessed and augmented every epoch.
+    """
+    from kidneyscan.models.frozen import FrozenSplit
+
+    split = None
+    if tc.cache_features:
+        try:
+            split = FrozenSplit(model)
+        except ValueError as exc:
+            log.info("training on pixels (no cached features: %s)", exc)
+    eval_bs = max(tc.batch_size, 32)
+    if split is None:
+        train_loader = make_loader(
+            parts["train"],
+            pre,
+            train=True,
+            batch_size=tc.batch_size,
+            augment=tc.augment,
+            balanced=tc.class_weighting == "sampler",
+            seed=tc.seed,
+            num_workers=tc.num_workers,
+            num_classes=num_classes,
+            cache=tc.cache_images,
+        )
+        eval_kw = {"num_workers": tc.num_workers, "cache": tc.cache_images}
+
+        def pixel_loader(name: str) -> Any:
+            return make_loader(parts[name], pre, train=False, batch_size=eval_bs, **eval_kw)  # type: ignore[arg-type]
+
+        def pixel_logits(name: str) -> tuple[np.ndarray, np.ndarray]:
+            return predict(model, pixel_loader(name), bf16=tc.bf16)
+
+        return TrainingData(
+            model,
+            train_loader,
+            pixel_loader("val"),
+            pixel_loader("train") if tc.smote else None,
+            pixel_logits,
+            False,
+            {},
+        )
+
+    from kidneyscan.features import CachedFeatures, FeatureStore
+
+    store = FeatureStore(split, pre, root=cache_root, views=tc.feature_views)
+    names = [n for n in SPLITS if parts.get(n)]
+    everything = [s for n in names for s in parts[n]]
+    feats = store.load(everything, progress=progress, desc="frozen features")
+    bounds = np.cumsum([0] + [len(parts[n]) for n in names])
+    by_name = {n: feats.subset(range(bounds[i], bounds[i + 1])) for i, n in enumerate(names)}
+    train_feats = by_name["train"]
+    if not tc.augment:
+        # augment off: train on the original view only (the stored flips stay for TTA).
+        train_feats = CachedFeatures(
+            train_feats.features[:, :1], train_feats.labels, train_feats.rois, ["orig"]
+        )
+    tail = split.tail
+
+    def cached_logits(name: str) -> tuple[np.ndarray, np.ndarray]:
+        views = range(by_name[name].features.shape[1]) if tc.tta else range(1)
+        outs = [
+            predict(
+                tail, by_name[name].loader(train=False, batch_size=eval_bs, view=v), bf16=tc.bf16
+            )
+            for v in views
+        ]
+        return np.mean([o[0] for o in outs], axis=0).astype(np.float32), outs[0][1]
+
+    return TrainingData(
+        tail,
+        train_feats.loader(train=True, batch_size=tc.batch_size, seed=tc.seed),
+        by_name["val"].loader(train=False, batch_size=eval_bs),
+        by_name["train"].loader(train=False, batch_size=eval_bs) if tc.smote else None,
+        cached_logits,
+        True,
+        {
+            "feature cache": str(store.folder),
+            "cached at": f"{split.cut} ({split.n_frozen_modules} of {split.n_modules} modules)",
+            "views": "+".join(store.views),
+            "extraction": store.compute,
+        },
+    )
+
+
 def train_central(
     data: str | Path,
     out_dir: str | Path,
@@ -244,47 +382,29 @@ def train_central(
 
     pre = make_preprocessor(cfg)
     model, spec = build_model(cfg, k)
-    bal = tc.class_weighting == "sampler"
-    train_loader = make_loader(
-        parts["train"],
-        pre,
-        train=True,
-        batch_size=tc.batch_size,
-        augment=tc.augment,
-        balanced=bal,
-        seed=tc.seed,
-        num_workers=tc.num_workers,
-        num_classes=k,
-        cache=tc.cache_images,
-    )
-    eval_kw = {
-        "train": False,
-        "batch_size": max(tc.batch_size, 32),
-        "num_workers": tc.num_workers,
-        "cache": tc.cache_images,
-    }
-    val_loader = make_loader(parts["val"], pre, **eval_kw)  # type: ignore[arg-type]
-    smote_loader = make_loader(parts["train"], pre, **eval_kw) if tc.smote else None  # type: ignore[arg-type]
+    provenance = weights_provenance(model)
+    t_data = time.perf_counter()
+    td = training_data(model, parts, pre, tc, num_classes=k, progress=progress)
+    feature_seconds = time.perf_counter() - t_data
 
     t0 = time.perf_counter()
     result = fit(
-        model,
-        train_loader,
-        val_loader,
+        td.model,
+        td.train_loader,
+        td.val_loader,
         tc,
         classes=classes,
         out_dir=out,
         progress=progress,
-        smote_loader=smote_loader,
+        smote_loader=td.smote_loader,
     )
     train_seconds = time.perf_counter() - t0
 
-    val_logits, val_labels = predict(model, val_loader, bf16=tc.bf16)
+    val_logits, val_labels = td.logits("val")
     temperature = fit_temperature(val_logits, val_labels)
     val_metrics = _metrics_for(val_logits, val_labels, classes, temperature, 0, tc.seed)
     if parts["test"]:
-        test_loader = make_loader(parts["test"], pre, **eval_kw)  # type: ignore[arg-type]
-        test_logits, test_labels = predict(model, test_loader, bf16=tc.bf16)
+        test_logits, test_labels = td.logits("test")
         eval_split = "test"
     else:
         log.warning("split has no test images: reporting validation metrics (optimistic)")
@@ -297,14 +417,18 @@ def train_central(
         "parameters": param_count(model),
         "trainable parameters": param_count(model, trainable_only=True),
         "task": cfg.task,
-        "image size": cfg.image_size,
+        "input (h x w)": f"{pre.input_size[0]} x {pre.input_size[1]}",
+        "preprocessing": ", ".join(st["name"] for st in pre.steps) or "none",
+        "weights": (provenance or {}).get("source", "none (random initialisation)"),
         "data": str(Path(data).resolve()),
         "split file": str(split_path),
         "train / val / test images": " / ".join(str(len(parts[s])) for s in SPLITS),
         "epochs run (best)": f"{len(result.history)} ({result.best_epoch})",
         "stopped early": result.stopped_early,
         "training time (s)": round(train_seconds, 1),
+        "feature extraction (s)": round(feature_seconds, 1) if td.cached else "n/a (pixels)",
         "temperature": temperature,
+        **td.describe,
     }
     training_summary = {
         "config": cfg.to_dict(),
@@ -315,6 +439,8 @@ def train_central(
         "best_val_macro_f1": result.best_val_macro_f1,
         "stopped_early": result.stopped_early,
         "train_seconds": train_seconds,
+        "feature_seconds": feature_seconds if td.cached else None,
+        "cached_features": td.describe or None,
         "smote": result.smote,
         "parameters": param_count(model),
         "trainable_parameters": param_count(model, trainable_only=True),
@@ -333,11 +459,18 @@ def train_central(
             "split_file": str(split_path),
             "task": cfg.task,
             "training": training_summary,
-            "input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
+            "input_size": [cfg.in_chans, *pre.input_size],
             "normalisation": {"mean": list(pre.mean), "std": list(pre.std)},
+            "backbone_weights": provenance,
         },
     )
     (out / "val_metrics.json").write_text(json.dumps(val_metrics, indent=2))
+    write_predictions(
+        out / "predictions.csv",
+        parts[eval_split],
+        softmax(test_logits, temperature),
+        classes,
+    )
     (out / "training.json").write_text(json.dumps(training_summary, indent=2, default=str))
     notes = [
         "## How this was measured",
@@ -362,6 +495,27 @@ def train_central(
         notes=notes,
     )
     return RunResult(out, ckpt, report, metrics, val_metrics, result, temperature)
+
+
+def write_predictions(
+    path: str | Path, samples: Sequence[Sample], probs: np.ndarray, classes: Sequence[str]
+) -> Path:
+    """Per-image calibrated probabilities as CSV: ``path, label, predicted, p_<class>...``.
+
+    Lets a reader find each misclassified slice, and lets benchmarks pool folds.
+    """
+    import csv
+
+    p = Path(path)
+    with p.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "predicted", *(f"p_{c}" for c in classes)])
+        for s, row in zip(samples, probs, strict=True):
+            w.writerow(
+                [str(s.path), classes[s.label], classes[int(np.argmax(row))]]
+                + [f"{float(v):.6f}" for v in row]
+            )
+    return p
 
 
 def _headline(m: dict[str, Any]) -> dict[str, Any]:

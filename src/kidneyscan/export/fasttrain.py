@@ -1,20 +1,11 @@
-"""Faster CPU training of a partly frozen hybrid: run the frozen stages without autograd, and
-optionally cache their output once per image.
+"""In-memory cache of frozen-prefix features for federated clients, and its epoch loop.
 
-With ``freeze_fraction=0.8`` most of the hybrid's ConvNeXt backbone is frozen. A naive loop
-still runs those stages in training mode on every batch of every epoch. :class:`FrozenSplit`
-cuts the model into
-
-* ``prefix``: the leading backbone modules whose parameters are all frozen, run under
-  ``torch.no_grad()`` in eval mode (no autograd graph, no saved activations, no drop-path); and
-* ``rest``: the remaining (trainable) backbone blocks + the Transformer encoder + the head,
-
-with ``rest(prefix(x)) == model(x)`` (checked by the tests). :class:`FeatureCache` goes one step
-further for clients that train several local epochs without pixel augmentation: the prefix
-output of every image is computed once and reused by every later epoch (and round, while the
-frozen weights do not change), with optional feature-space augmentation (horizontal flip of
-the feature map, which commutes with the convolutional prefix up to padding effects, and small
-Gaussian noise).
+:class:`~kidneyscan.models.frozen.FrozenSplit` cuts a partly frozen hybrid into a frozen prefix
+and a trainable tail. :class:`FeatureCache` computes the prefix output of every image of a
+client's partition once and reuses it in every later epoch (and round, while the frozen weights
+do not change), with optional feature-space augmentation (horizontal flip of the feature map,
+which commutes with the convolutional prefix up to padding effects, and small Gaussian noise).
+Central training caches on disk instead (:mod:`kidneyscan.features`).
 """
 
 from __future__ import annotations
@@ -28,106 +19,16 @@ import torch
 import torch.nn as nn
 
 from kidneyscan.engine import proximal_pairs, training_objective
+from kidneyscan.models.frozen import FrozenSplit, feature_augment
+
+__all__ = [
+    "FeatureCache",
+    "FrozenSplit",
+    "feature_augment",
+    "train_epoch_cached",
+]
 
 log = logging.getLogger(__name__)
-
-
-def _convnext_sequence(backbone: Any) -> list[nn.Module]:
-    """The ConvNeXt forward_features path as a flat list of modules (stem, blocks, norm)."""
-    mods: list[nn.Module] = [backbone.stem]
-    for stage in backbone.stages:
-        mods.append(stage.downsample)
-        mods.extend(stage.blocks)
-    mods.append(backbone.norm_pre)
-    return mods
-
-
-class FrozenSplit(nn.Module):
-    """A hybrid model cut after its last leading frozen backbone module.
-
-    Parameters
-    ----------
-    model
-        :class:`~kidneyscan.models.hybrid.HybridConvNeXtViT` with a ConvNeXt backbone.
-
-    Raises
-    ------
-    ValueError
-        For another architecture, or a model with no frozen leading module.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        backbone: Any = getattr(model, "backbone", None)
-        if type(model).__name__ != "HybridConvNeXtViT" or type(backbone).__name__ != "ConvNeXt":
-            raise ValueError(
-                f"FrozenSplit supports the hybrid with a ConvNeXt backbone, not "
-                f"{type(model).__name__}/{type(backbone).__name__}"
-            )
-        if getattr(backbone, "grad_checkpointing", False):
-            raise ValueError("FrozenSplit does not support gradient checkpointing")
-        seq = _convnext_sequence(backbone)
-        n = 0
-        while n < len(seq) and not any(p.requires_grad for p in seq[n].parameters()):
-            n += 1
-        if n == 0:
-            raise ValueError("the model has no frozen leading backbone module (freeze_fraction=0?)")
-        self.model = model
-        self.prefix = nn.Sequential(*seq[:n])
-        self.suffix = nn.Sequential(*seq[n:])
-        self.n_frozen_modules = n
-        self.n_modules = len(seq)
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen-prefix output, computed without autograd in eval mode."""
-        was = self.prefix.training
-        self.prefix.eval()
-        try:
-            with torch.no_grad():
-                out: torch.Tensor = self.prefix(x)
-        finally:
-            self.prefix.train(was)
-        return out
-
-    def rest(self, feats: torch.Tensor) -> torch.Tensor:
-        """Logits from frozen-prefix features: trainable backbone part, encoder, head."""
-        fmap = self.suffix(feats)
-        m: Any = self.model
-        # Run the hybrid's own forward with its feature map supplied, so that whatever it does
-        # after the backbone (tokens, position embeddings, encoder, head) stays in one place.
-        m.feature_map = lambda _x: fmap
-        try:
-            out: torch.Tensor = m(feats)
-        finally:
-            del m.feature_map
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits, with the frozen prefix run without autograd."""
-        return self.rest(self.features(x))
-
-
-def feature_augment(
-    feats: torch.Tensor, *, flip_p: float = 0.5, noise_std: float = 0.0, generator: Any = None
-) -> torch.Tensor:
-    """Cheap augmentation in feature space: per-sample horizontal flip and Gaussian noise.
-
-    ``noise_std`` is relative to each sample's feature standard deviation.
-    """
-    if not 0.0 <= flip_p <= 1.0:
-        raise ValueError(f"flip_p must be in [0, 1], got {flip_p}")
-    if noise_std < 0:
-        raise ValueError(f"noise_std must be >= 0, got {noise_std}")
-    out = feats
-    if flip_p > 0:
-        flip = torch.rand(len(feats), generator=generator) < flip_p
-        if flip.any():
-            out = out.clone()
-            out[flip] = out[flip].flip(-1)
-    if noise_std > 0:
-        scale = out.flatten(1).std(dim=1).view(-1, *([1] * (out.dim() - 1)))
-        out = out + noise_std * scale * torch.randn(out.shape, generator=generator)
-    return out
 
 
 class FeatureCache:

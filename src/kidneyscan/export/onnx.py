@@ -53,8 +53,9 @@ class ExportError(RuntimeError):
 def _dummy_input(metadata: dict[str, Any], batch: int = 2) -> torch.Tensor:
     pre = metadata.get("preprocessing") or {}
     size = int(pre.get("image_size", 224))
+    width = int(pre.get("image_width") or size)
     chans = int(pre.get("in_chans", 3))
-    return torch.randn(batch, chans, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.randn(batch, chans, size, width, generator=torch.Generator().manual_seed(0))
 
 
 def export_bytes(

