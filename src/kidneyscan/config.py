@@ -84,9 +84,6 @@ class TrainConfig:
     feature_views
         Views cached per image: ``orig`` and optionally ``hflip`` (the mirrored image; training
         draws one view per image and epoch).
-    tta
-        With cached features: average the logits over the stored views at evaluation
-        (test-time augmentation; the service does the same).
     """
 
     epochs: int = 10
@@ -107,7 +104,6 @@ class TrainConfig:
     cache_images: bool = False
     cache_features: bool = True
     feature_views: list[str] = field(default_factory=lambda: ["orig", "hflip"])
-    tta: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:

@@ -308,7 +308,11 @@ def training_data(
     tail = split.tail
 
     def cached_logits(name: str) -> tuple[np.ndarray, np.ndarray]:
-        views = range(by_name[name].features.shape[1]) if tc.tta else range(1)
+        # The model's own test-time flip (flip_tta) is the mean over the stored views.
+        n_views = by_name[name].features.shape[1]
+        views = range(n_views) if getattr(split.model, "flip_tta", False) else range(1)
+        if getattr(split.model, "flip_tta", False) and n_views < 2:
+            raise ValueError("the model averages a flipped view (flip_tta) but none is cached")
         outs = [
             predict(
                 tail, by_name[name].loader(train=False, batch_size=eval_bs, view=v), bf16=tc.bf16

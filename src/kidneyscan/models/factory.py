@@ -288,6 +288,7 @@ def create_classifier(
             )
         except TypeError as exc:
             raise ValueError(f"bad option for model 'hybrid': {exc}") from exc
+        spec_kwargs.update(model.options)
     else:
         freeze = float(kwargs.pop("freeze_fraction", 0.0))
         # CNNs take any size; only fixed-size transformers (ViT, Swin) need it, as img_size.

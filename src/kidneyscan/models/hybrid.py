@@ -68,6 +68,28 @@ class PositionEmbedding(nn.Module):
         return tokens + pe
 
 
+#: Options of the hybrid for any backbone, unless the backbone has its own entry below.
+GENERIC_DEFAULTS: dict[str, Any] = {
+    "token_stage": -1,
+    "token_pool": 1,
+    "token_pool_mode": "avg",
+    "flip_tta": False,
+    "freeze_fraction": 0.8,
+}
+#: The measured recipe per backbone (benchmarks/real_sample.py, contiguous-band folds): for the
+#: CT ResNet-152, tokens from layer3 (14 x 21 at 224 x 336) pooled 2 x 2 to 7 x 11 beat its last
+#: stage, and the fully frozen backbone trains on cached features within the CPU budget.
+BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ct_resnet152": {
+        "token_stage": 2,
+        "token_pool": 2,
+        "token_pool_mode": "avg",
+        "flip_tta": True,
+        "freeze_fraction": 1.0,
+    },
+}
+
+
 class HybridCNNTransformer(nn.Module):
     """CNN feature map -> spatial tokens -> Transformer encoder -> linear head.
 
@@ -86,9 +108,14 @@ class HybridCNNTransformer(nn.Module):
         Training input width (``None``: the backbone's pretrained aspect ratio, 1.5 for
         ``ct_resnet152``, square for ImageNet CNNs).
     token_stage
-        0-based backbone stage whose output becomes the tokens (-1: the last). Needs a backbone
+        0-based backbone stage whose output becomes the tokens (-1: the last; default: the
+        last, ``2`` = ``layer3`` for ``ct_resnet152``). Needs a backbone
         that :mod:`kidneyscan.models.sequence` supports (ConvNeXt, ResNet, EfficientNet)
         unless -1.
+    flip_tta
+        (Default: off; on for ``ct_resnet152``.) In eval mode, average the logits of the image and its left-right mirror (test-time
+        augmentation; training draws either view). Part of the model, so evaluation, the
+        service and the ONNX graph all do it.
     token_pool, token_pool_mode
         Pool the token-stage map ``token_pool x token_pool`` (``"avg"`` or ``"max"``, edges
         kept) before it becomes tokens: ``layer3`` of the CT ResNet (14 x 21) pooled by 2
@@ -106,7 +133,8 @@ class HybridCNNTransformer(nn.Module):
         Dropout after the position embeddings, inside the encoder and before the head.
     freeze_fraction
         Fraction of the backbone's blocks frozen, earliest first (see
-        :func:`kidneyscan.models.weights.backbone_units`).
+        :func:`kidneyscan.models.weights.backbone_units`): 0.8 by default, 1.0 (all) for
+        ``ct_resnet152``.
     in_chans
         Input channels (1 or 3).
     pretrained
@@ -126,20 +154,37 @@ class HybridCNNTransformer(nn.Module):
         backbone: str = "ct_resnet152",
         image_size: int = 224,
         image_width: int | None = None,
-        token_stage: int = -1,
-        token_pool: int = 1,
-        token_pool_mode: str = "avg",
+        token_stage: int | None = None,
+        token_pool: int | None = None,
+        token_pool_mode: str | None = None,
+        flip_tta: bool | None = None,
         embed_dim: int = 768,
         depth: int = 2,
         num_heads: int = 8,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
-        freeze_fraction: float = 0.8,
+        freeze_fraction: float | None = None,
         in_chans: int = 3,
         pretrained: bool = False,
         weights: str | Path | None = None,
     ) -> None:
         super().__init__()
+        # Options left at None take the backbone's measured recipe (BACKBONE_DEFAULTS).
+        given = {
+            "token_stage": token_stage,
+            "token_pool": token_pool,
+            "token_pool_mode": token_pool_mode,
+            "flip_tta": flip_tta,
+            "freeze_fraction": freeze_fraction,
+        }
+        opts = {**GENERIC_DEFAULTS, **BACKBONE_DEFAULTS.get(backbone, {})}
+        opts.update({k: v for k, v in given.items() if v is not None})
+        token_stage, token_pool = int(opts["token_stage"]), int(opts["token_pool"])
+        token_pool_mode, flip_tta = str(opts["token_pool_mode"]), bool(opts["flip_tta"])
+        freeze_fraction = float(opts["freeze_fraction"])
+        #: The resolved recipe options (checkpoints store them, so a later change of the
+        #: defaults cannot change how a saved model is rebuilt).
+        self.options = {k: opts[k] for k in given}
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if depth < 1:
@@ -170,6 +215,7 @@ class HybridCNNTransformer(nn.Module):
                 f"token_pool must be >= 1 and token_pool_mode 'avg' or 'max', got "
                 f"{token_pool} / {token_pool_mode!r}"
             )
+        self.flip_tta = flip_tta
         self.token_stage = token_stage
         self._pieces = self._cut_backbone(token_stage)
         self.token_pool: nn.Module = nn.Identity()
@@ -333,7 +379,10 @@ class HybridCNNTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, num_classes)`` for a normalised ``(B, C, H, W)`` batch."""
-        return self.classify_map(self.feature_map(x))
+        logits = self.classify_map(self.feature_map(x))
+        if self.flip_tta and not self.training:
+            logits = 0.5 * (logits + self.classify_map(self.feature_map(x.flip(-1))))
+        return logits
 
     def get_classifier(self) -> nn.Module:
         """The final linear layer (timm convention)."""

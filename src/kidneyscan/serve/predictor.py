@@ -344,13 +344,22 @@ class Predictor:
                 )
                 names = {id(m): n for n, m in self.model.named_modules()}
                 self._layer_name = ",".join(names.get(id(m), "?") for m in self._target_layers)
-            heat = gradcam_heatmap(
-                self.model,
-                tensor,
-                target_index,
-                self._target_layers,
-                reshape_transform=gradcam_reshape_transform(self.model),
-            )
+            # Grad-CAM explains one forward pass: the mirrored pass of test-time averaging
+            # would mix a second set of activations into the map.
+            tta = getattr(self.model, "flip_tta", False)
+            if tta:
+                self.model.flip_tta = False  # type: ignore[assignment]
+            try:
+                heat = gradcam_heatmap(
+                    self.model,
+                    tensor,
+                    target_index,
+                    self._target_layers,
+                    reshape_transform=gradcam_reshape_transform(self.model),
+                )
+            finally:
+                if tta:
+                    self.model.flip_tta = True  # type: ignore[assignment]
         return Explanation(
             image=resized,
             heatmap=heat,
