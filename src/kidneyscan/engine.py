@@ -44,7 +44,7 @@ def set_seed(seed: int) -> None:
     torch.backends.cudnn.deterministic = True
 
 
-def _autocast(bf16: bool, device: torch.device) -> AbstractContextManager[Any]:
+def _autocast(bf16: bool | None, device: torch.device) -> AbstractContextManager[Any]:
     if not bf16:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -471,11 +471,11 @@ def fit(
             optimizer,
             loss_fn=loss_fn,
             scheduler=scheduler,
-            bf16=cfg.bf16,
+            bf16=bool(cfg.bf16),
             channels_last=cfg.channels_last,
             progress=progress,
         )
-        va = evaluate(model, val_loader, num_classes=k, bf16=cfg.bf16)
+        va = evaluate(model, val_loader, num_classes=k, bf16=bool(cfg.bf16))
         row = {
             "epoch": float(epoch),
             "train_loss": tr["loss"],
@@ -596,7 +596,7 @@ def smote_refit_head(
     from imblearn.over_sampling import SMOTE
 
     head = _classifier_of(model)
-    x, y = embeddings(model, train_loader, bf16=cfg.bf16)
+    x, y = embeddings(model, train_loader, bf16=bool(cfg.bf16))
     counts = np.bincount(y, minlength=num_classes)
     present = counts[counts > 0]
     info: dict[str, Any] = {"n_before": int(len(y)), "counts_before": counts.tolist()}
@@ -611,7 +611,7 @@ def smote_refit_head(
         counts_after=np.bincount(yr, minlength=num_classes).tolist(),
         k_neighbors=k_neighbors,
     )
-    before = evaluate(model, val_loader, num_classes=num_classes, bf16=cfg.bf16)["macro_f1"]
+    before = evaluate(model, val_loader, num_classes=num_classes, bf16=bool(cfg.bf16))["macro_f1"]
     old_head = copy.deepcopy(head.state_dict())
     device = _device_of(model)
     xt = torch.as_tensor(xr, dtype=torch.float32, device=device)
@@ -627,7 +627,7 @@ def smote_refit_head(
             opt.zero_grad(set_to_none=True)
             loss_fn(head(xt[idx]), yt[idx]).backward()
             opt.step()
-    after = evaluate(model, val_loader, num_classes=num_classes, bf16=cfg.bf16)["macro_f1"]
+    after = evaluate(model, val_loader, num_classes=num_classes, bf16=bool(cfg.bf16))["macro_f1"]
     kept = after >= before
     if not kept:
         head.load_state_dict(old_head)

@@ -7,6 +7,7 @@ The plain core behind ``kidneyscan train``, ``kidneyscan evaluate`` and the demo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -223,6 +224,9 @@ class TrainingData:
         Whether training runs on cached frozen-prefix features.
     describe
         Facts for the report (feature cache, views).
+    train
+        The recipe with ``bf16`` resolved (``None`` means on for cached features where the
+        CPU runs bf16 natively).
     """
 
     model: nn.Module
@@ -232,6 +236,7 @@ class TrainingData:
     logits: Any
     cached: bool
     describe: dict[str, Any]
+    train: TrainConfig
 
 
 def training_data(
@@ -279,7 +284,7 @@ def training_data(
             return make_loader(parts[name], pre, train=False, batch_size=eval_bs, **eval_kw)  # type: ignore[arg-type]
 
         def pixel_logits(name: str) -> tuple[np.ndarray, np.ndarray]:
-            return predict(model, pixel_loader(name), bf16=tc.bf16)
+            return predict(model, pixel_loader(name))
 
         return TrainingData(
             model,
@@ -289,9 +294,10 @@ def training_data(
             pixel_logits,
             False,
             {},
+            dataclasses.replace(tc, bf16=bool(tc.bf16)),
         )
 
-    from kidneyscan.features import CachedFeatures, FeatureStore
+    from kidneyscan.features import CachedFeatures, FeatureStore, bf16_supported
 
     store = FeatureStore(split, pre, root=cache_root, views=tc.feature_views)
     names = [n for n in SPLITS if parts.get(n)]
@@ -314,9 +320,7 @@ def training_data(
         if getattr(split.model, "flip_tta", False) and n_views < 2:
             raise ValueError("the model averages a flipped view (flip_tta) but none is cached")
         outs = [
-            predict(
-                tail, by_name[name].loader(train=False, batch_size=eval_bs, view=v), bf16=tc.bf16
-            )
+            predict(tail, by_name[name].loader(train=False, batch_size=eval_bs, view=v))
             for v in views
         ]
         return np.mean([o[0] for o in outs], axis=0).astype(np.float32), outs[0][1]
@@ -334,6 +338,7 @@ def training_data(
             "views": "+".join(store.views),
             "extraction": store.compute,
         },
+        dataclasses.replace(tc, bf16=bf16_supported() if tc.bf16 is None else tc.bf16),
     )
 
 
@@ -396,7 +401,7 @@ def train_central(
         td.model,
         td.train_loader,
         td.val_loader,
-        tc,
+        td.train,
         classes=classes,
         out_dir=out,
         progress=progress,
@@ -444,6 +449,7 @@ def train_central(
         "stopped_early": result.stopped_early,
         "train_seconds": train_seconds,
         "feature_seconds": feature_seconds if td.cached else None,
+        "bf16": td.train.bf16,
         "cached_features": td.describe or None,
         "smote": result.smote,
         "parameters": param_count(model),
