@@ -103,7 +103,7 @@ def band_splits(data: Path, out: Path, k: int, seed: int) -> list[Path]:
             "train": [s for j in range(k) if j not in (i, (i + 1) % k) for s in folds[f"fold{j}"]],
         }
         path = out / f"fold{i}.csv"
-        save_split(parts, path, root=data)
+        save_split(parts, path, root=data, groups=folds.groups)
         paths.append(path)
     return paths
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     splits = band_splits(args.data, args.out / "splits", args.folds, args.seed)
     json_path = args.results / "real_sample.json"
     previous = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
-    done = {r["row"]: r for r in previous}
+    done = {r["row"]: r for r in previous if "row" in r}  # rows of this script's format
     for name in names:
         desc, cfg, probe = ROWS[name]
         print(f"{name}: {desc}", flush=True)
