@@ -191,7 +191,7 @@ def test_cli_split_and_audit(messy: Path, tmp_path: Path) -> None:
     )
     # Assert
     assert res_split.exit_code == 0, res_split.output
-    assert "grouping blocks+phash" in res_split.output
+    assert "grouping bands" in res_split.output  # auto without patient ids
     assert res_kfold.exit_code == 0, res_kfold.output
     with (tmp_path / "kf.csv").open() as fh:
         assert {r["split"] for r in csv.DictReader(fh)} == {"fold0", "fold1"}

@@ -80,7 +80,7 @@ def test_train_writes_run_folder(hybrid_run: Path) -> None:
     assert meta["model"]["kwargs"]["backbone"] == "convnext_atto"
     assert meta["classes"] == ["Cyst", "Normal", "Stone", "Tumor"]
     assert meta["preprocessing"]["image_size"] == 64
-    assert meta["input_size"] == [3, 64, 64]
+    assert meta["input_size"] == [3, 64, 96]  # the kidney band (default first step) is 3:2
     assert meta["temperature"] > 0
     assert meta["task"] == "multiclass"
     assert Path(meta["split_file"]).is_file()

@@ -164,8 +164,8 @@ class ExperimentConfig:
     image_size
         Input height in pixels (and width unless ``image_width`` is given).
     image_width
-        Input width in pixels (``None``: square). The default recipe feeds the kidney band,
-        224 x 336.
+        Input width in pixels. ``None`` (default): the kidney band's 3:2 when the steps start
+        with ``crop_kidney_band`` (224 x 336 by default), else the model's own aspect.
     in_chans
         1 or 3 input channels (grayscale repeated for 3).
     task
@@ -187,7 +187,7 @@ class ExperimentConfig:
     model: str = "hybrid"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224
-    image_width: int | None = 336
+    image_width: int | None = None
     in_chans: int = 3
     task: str = "multiclass"
     steps: list[dict[str, Any]] = field(default_factory=lambda: [{"name": "crop_kidney_band"}])

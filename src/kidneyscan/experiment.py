@@ -75,6 +75,22 @@ def run_weights(cfg: ExperimentConfig) -> str | None:
     return default_weights(cfg.model, **cfg.model_kwargs)
 
 
+def input_width(cfg: ExperimentConfig) -> int:
+    """The run's input width: ``cfg.image_width``, else 3:2 for the kidney band (its box is
+    300 x 200 px of a 512 px slice), else the model's own aspect (square for most)."""
+    from kidneyscan.models.factory import default_cfg
+
+    if cfg.image_width is not None:
+        return cfg.image_width
+    if cfg.steps and cfg.steps[0].get("name") == "crop_kidney_band":
+        return round(cfg.image_size * 1.5)
+    try:
+        kwargs = {**cfg.model_kwargs, "image_size": cfg.image_size}
+        return int(default_cfg(cfg.model, **kwargs)["image_width"])
+    except ValueError:
+        return cfg.image_size
+
+
 def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
     """Create the configured model and the ``{"name", "kwargs"}`` spec that rebuilds it.
 
@@ -89,14 +105,14 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dic
     weights = run_weights(cfg)
     if cfg.model == "hybrid":
         kwargs.setdefault("image_size", cfg.image_size)
-        if cfg.image_width is not None:
-            kwargs.setdefault("image_width", cfg.image_width)
+        kwargs.setdefault("image_width", input_width(cfg))
         if not cfg.pretrained and not weights and "freeze_fraction" not in kwargs:
             kwargs["freeze_fraction"] = 0.0
             log.info("hybrid without pretrained weights: training the whole backbone")
     elif cfg.model in ("vit_b16", "swin_t") or cfg.model.startswith(("vit_", "swin")):
         # Transformers with fixed patch grids must be built for the run's input size.
-        size = [cfg.image_size, cfg.image_width] if cfg.image_width else cfg.image_size
+        width = input_width(cfg)
+        size = [cfg.image_size, width] if width != cfg.image_size else cfg.image_size
         kwargs.setdefault("img_size", size)
     if cfg.in_chans != 3:
         kwargs.setdefault("in_chans", cfg.in_chans)
@@ -117,7 +133,7 @@ def make_preprocessor(cfg: ExperimentConfig) -> Preprocessor:
         cfg.model_kwargs,
         steps=list(cfg.steps),
         image_size=cfg.image_size,
-        image_width=cfg.image_width,
+        image_width=input_width(cfg),
         in_chans=cfg.in_chans,
     )
 

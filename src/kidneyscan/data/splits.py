@@ -232,9 +232,16 @@ def index_blocks(samples: Sequence[Sample], *, max_gap: int = DEFAULT_MAX_GAP) -
     return _components(len(samples), _block_pairs(samples, max_gap))
 
 
-def index_bands(samples: Sequence[Sample], n_bands: int) -> np.ndarray:
+def index_bands(
+    samples: Sequence[Sample], n_bands: int, *, max_gap: int = DEFAULT_MAX_GAP
+) -> np.ndarray:
     """Band ``0..n_bands-1`` of every sample: its class's images in file-number order, cut into
-    ``n_bands`` contiguous runs of equal size (images without a number follow, by path).
+    ``n_bands`` contiguous runs of about equal size (images without a number follow, by path).
+
+    A cut never falls inside an index block (numbers at most ``max_gap`` apart, see
+    :func:`index_blocks`): a block, most often one patient's neighbouring slices, goes whole to
+    the band that holds most of it, so a patient at a band's edge is not shared with the next
+    band. Blocks longer than a band (contiguously numbered data) are cut by rank as they are.
 
     Raises
     ------
@@ -246,8 +253,9 @@ def index_bands(samples: Sequence[Sample], n_bands: int) -> np.ndarray:
     by_class: dict[int, list[int]] = defaultdict(list)
     for i, s in enumerate(samples):
         by_class[s.label].append(i)
+    blocks = index_blocks(samples, max_gap=max_gap)
     bands = np.zeros(len(samples), dtype=np.int64)
-    for label, members in by_class.items():
+    for members in by_class.values():
         if len(members) < n_bands:
             raise DataError(
                 f"class {samples[members[0]].class_name!r} has {len(members)} image(s), fewer "
@@ -258,7 +266,13 @@ def index_bands(samples: Sequence[Sample], n_bands: int) -> np.ndarray:
         )
         for rank, i in enumerate(members):
             bands[i] = rank * n_bands // len(members)
-        del label
+        per_band = len(members) / n_bands
+        block_members: dict[int, list[int]] = defaultdict(list)
+        for i in members:
+            block_members[int(blocks[i])].append(i)
+        for idx in block_members.values():
+            if 1 < len(idx) <= per_band:
+                bands[idx] = np.bincount(bands[idx]).argmax()
     return bands
 
 
