@@ -30,8 +30,14 @@ def make_checkpoint(
     temperature: float = TEMPERATURE,
     name: str = "convnext_atto",
     kwargs: dict | None = None,
+    steps: list[dict] | None = None,
+    image_width: int | None = None,
 ) -> Path:
-    """Save a randomly initialised classifier (4 classes, 64 px) as a KidneyScan checkpoint."""
+    """Save a randomly initialised classifier (4 classes, 64 px) as a KidneyScan checkpoint.
+
+    ``steps`` / ``image_width`` set the preprocessing, e.g. ``KIDNEY_BAND`` at 64 x 96 like the
+    default recipe's 3:2 kidney band.
+    """
     import torch
 
     from kidneyscan.models.checkpoint import save_checkpoint
@@ -44,13 +50,34 @@ def make_checkpoint(
     meta = {
         "model": {"name": name, "kwargs": kwargs},
         "classes": CLASSES,
-        "preprocessing": Preprocessor(image_size=image_size).to_dict(),
+        "preprocessing": Preprocessor(
+            steps=list(steps or []), image_size=image_size, image_width=image_width
+        ).to_dict(),
         "temperature": temperature,
         "task": "kidney-ct-4class",
         "metrics": {"test": {"macro_f1": 0.25}},
         "training": {"dataset": "test fixture", "n": 0},
     }
     return save_checkpoint(out, model, meta)
+
+
+#: The default recipe's first (here only) preprocessing step: crop to the kidney band.
+KIDNEY_BAND = [{"name": "crop_kidney_band"}]
+
+
+def phantom_hu(size: int = 128, seed: int = 0, class_name: str = "Stone") -> np.ndarray:
+    """A synthetic axial kidney-level CT slice in Hounsfield units (float32, spine visible)."""
+    from kidneyscan.data.phantom import make_sites, render_slice
+
+    site = make_sites(1, seed=0)[0]
+    return render_slice(np.random.default_rng(seed), class_name, site, image_size=size).hu
+
+
+def no_spine(size: int = 96) -> np.ndarray:
+    """A uint8 'body' (a soft-tissue grey ellipse on black) with no bone: no vertebra to find."""
+    yy, xx = np.mgrid[:size, :size]
+    body = ((yy - size / 2) / (size * 0.35)) ** 2 + ((xx - size / 2) / (size * 0.45)) ** 2 < 1
+    return np.where(body, 110, 0).astype(np.uint8)
 
 
 def ct_like(size: int = 96, seed: int = 0) -> np.ndarray:

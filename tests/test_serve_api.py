@@ -348,9 +348,60 @@ def test_pixel_limit_is_checked_before_decoding(client, monkeypatch):
         assert "before decoding" in err["message"]
 
 
-def test_second_bad_file_is_named(client):
-    err = _error(client.post("/api/v1/predict", data=multipart(PNG, b"junk" * 40)), 415)
-    assert err["message"].startswith("file 2")
+def test_bad_file_in_a_batch_fails_alone_and_is_named(client):
+    # Prepare
+    other = encode(ct_like(64, seed=7))
+    singles = [
+        client.post("/api/v1/predict", data=multipart(b)).get_json()["results"][0]
+        for b in (PNG, other)
+    ]
+    # Execute: good, not an image, good, truncated
+    resp = client.post(
+        "/api/v1/predict", data=multipart(PNG, b"junk" * 40, other, PNG[: len(PNG) // 2])
+    )
+    # Assert: 200, one entry per file in upload order, the two good ones unchanged.
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    body = resp.get_json()
+    assert (body["count"], body["succeeded"], body["failed"]) == (4, 2, 2)
+    assert [r["index"] for r in body["results"]] == [0, 1, 2, 3]
+    assert [r["ok"] for r in body["results"]] == [True, False, True, False]
+    bad, truncated = body["results"][1]["error"], body["results"][3]["error"]
+    assert (bad["status"], bad["code"]) == (415, "unsupported_media_type")
+    assert bad["message"].startswith("file 2") and "not a PNG, JPEG or DICOM" in bad["message"]
+    assert (truncated["status"], truncated["code"]) == (400, "corrupt_image")
+    assert truncated["message"].startswith("file 4")
+    for batched, single in zip((body["results"][0], body["results"][2]), singles, strict=True):
+        assert batched["predicted_class"] == single["predicted_class"]
+        for c in CLASSES:
+            assert batched["probabilities"][c] == pytest.approx(
+                single["probabilities"][c], abs=1e-4
+            )
+
+
+def test_batch_explain_keeps_failures_in_place(client):
+    resp = client.post("/api/v1/explain", data=multipart(b"", PNG))
+    assert resp.status_code == 200
+    first, second = resp.get_json()["results"]
+    assert first["ok"] is False and first["error"]["code"] == "empty_file"
+    assert "explanation" not in first
+    assert second["ok"] is True and second["explanation"]["method"] == "Grad-CAM"
+
+
+def test_batch_where_every_file_fails_is_4xx_with_each_reason(client):
+    # Execute
+    resp = client.post("/api/v1/predict", data=multipart(b"junk" * 40, b"more junk" * 20))
+    # Assert: the error of the first file, and every file's own entry.
+    err = _error(resp, 415)
+    assert "none of the 2 files" in err["message"] and "file 2" in err["message"]
+    body = resp.get_json()
+    assert (body["count"], body["succeeded"], body["failed"]) == (2, 0, 2)
+    assert [r["error"]["code"] for r in body["results"]] == ["unsupported_media_type"] * 2
+
+
+def test_one_bad_file_alone_is_still_a_plain_4xx(client):
+    err = _error(client.post("/api/v1/predict", data=multipart(b"junk" * 40)), 415)
+    assert err["message"].startswith("the file")
+    assert "results" not in client.post("/api/v1/predict", data=multipart(b"")).get_json()
 
 
 @pytest.mark.parametrize(

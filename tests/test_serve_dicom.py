@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from _serve_support import ct_like, make_checkpoint, multipart
+from _serve_support import KIDNEY_BAND, ct_like, encode, make_checkpoint, multipart, phantom_hu
 from kidneyscan.serve import ServeConfig, create_app
 
 PHI = {
@@ -172,3 +172,70 @@ def test_phi_in_unusable_dicom_is_not_echoed(client):
     assert "pixel" in resp.get_json()["error"]["message"]
     for secret in PHI_STRINGS:
         assert secret not in resp.get_data(as_text=True)
+
+
+# -- DICOM as trained: the CT-KIDNEY JPEGs' soft-tissue window, W 400 / L 40 --------------------
+@pytest.fixture(scope="module")
+def band_client(tmp_path_factory: pytest.TempPathFactory):
+    """A service whose preprocessing is the default recipe's (kidney band, 3:2) in miniature."""
+    ckpt = make_checkpoint(
+        tmp_path_factory.mktemp("band"), steps=KIDNEY_BAND, image_size=64, image_width=96
+    )
+    return create_app(ServeConfig(checkpoint=ckpt, rate_limit=0)).test_client()
+
+
+def _levels(hu: np.ndarray, width: float = 400.0, level: float = 40.0) -> np.ndarray:
+    """8-bit grey levels of ``hu`` in a linear window: how a windowed PNG/JPEG export is made."""
+    lo = level - width / 2
+    return np.rint(np.clip((hu - lo) / width, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def _probabilities(client, data: bytes) -> tuple[np.ndarray, dict]:
+    resp = client.post("/api/v1/predict", data=multipart(data))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    res = resp.get_json()["results"][0]
+    return np.array([res["probabilities"][c] for c in sorted(res["probabilities"])]), res
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dicom_and_its_windowed_png_give_the_same_probabilities(band_client, seed):
+    # Prepare: a phantom slice in HU. The PNG is its W400/L40 window in 8 bits; the DICOM
+    # stores exactly those grey levels as HU (slope 400/255, intercept -160, so each level is
+    # the HU at the centre of its window step), which takes 8-bit rounding out of the
+    # comparison: any difference left comes from the window the service applies.
+    hu = np.rint(phantom_hu(192, seed))
+    k = _levels(hu)
+    ds = _dicom(hu)
+    ds.RescaleSlope = "1.56862745098039"  # 400 / 255 within the 16 characters a DS allows
+    ds.RescaleIntercept = -160
+    ds.PixelData = k.astype(np.uint16).tobytes()
+    # Execute
+    p_dicom, r_dicom = _probabilities(band_client, _bytes(ds))
+    p_png, r_png = _probabilities(band_client, encode(k))
+    p_shifted, _ = _probabilities(band_client, encode(_levels(hu, level=60.0)))
+    # Assert: same crop, same probabilities...
+    assert r_dicom["input"]["dicom"]["window"] == {"name": "abdomen", "width": 400.0, "level": 40.0}
+    assert r_dicom["roi"] == r_png["roi"] and r_png["roi"]["source"] == "spine"
+    np.testing.assert_allclose(p_dicom, p_png, rtol=0, atol=1e-4)
+    # ...and the comparison would see a window off by 20 HU.
+    assert np.abs(p_shifted - p_png).max() > 1e-3
+
+
+def test_integer_hu_dicom_matches_its_png_to_half_a_grey_level():
+    # Prepare: ordinary scanner storage (integer HU, slope 1, intercept -1024).
+    from kidneyscan.serve.inputs import decode_upload
+
+    hu = np.rint(phantom_hu(128, 2))
+    # Execute
+    from_dicom = decode_upload(_bytes(_dicom(hu))).image
+    from_png = decode_upload(encode(_levels(hu))).image
+    # Assert: the service keeps the DICOM's finer levels (as the training loader does), so the
+    # two differ only by the PNG's rounding to 256 levels; a 10 HU window error is 6 levels.
+    diff = np.abs(from_dicom - from_png)
+    assert diff.max() <= 0.5 / 255 + 1e-6
+    assert diff.max() > 0.25 / 255  # the DICOM really is finer than 8 bits
+
+
+def test_model_card_states_the_dicom_window(band_client):
+    card = band_client.get("/api/v1/model").get_json()
+    assert card["input"]["dicom_window"] == {"name": "abdomen", "width": 400, "level": 40}

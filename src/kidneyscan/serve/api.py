@@ -11,6 +11,7 @@ import math
 import time
 from typing import Any
 
+import numpy as np
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
 from kidneyscan.serve.app import DISCLAIMER, error_response, get_state, guard_request
@@ -120,13 +121,19 @@ def read_uploads() -> tuple[list[bytes], dict[str, Any]]:
     return blobs, options
 
 
-def _decode_all(blobs: list[bytes]) -> list[tuple[DecodedImage, float]]:
+def _decode_all(blobs: list[bytes]) -> list[tuple[DecodedImage | InputError, float]]:
+    """Decode every upload; a file that fails keeps its :class:`InputError` in its place."""
     cfg = get_state(current_app).config
-    out = []
+    out: list[tuple[DecodedImage | InputError, float]] = []
     for i, blob in enumerate(blobs):
         t0 = time.perf_counter()
         label = f"file {i + 1}" if len(blobs) > 1 else "the file"
-        decoded = decode_upload(blob, label=label, max_pixels=cfg.max_pixels)
+        try:
+            decoded: DecodedImage | InputError = decode_upload(
+                blob, label=label, max_pixels=cfg.max_pixels
+            )
+        except InputError as exc:
+            decoded = exc
         out.append((decoded, (time.perf_counter() - t0) * 1000.0))
     return out
 
@@ -143,6 +150,24 @@ def _alpha(raw: Any) -> float:
     return alpha
 
 
+#: Longest side of the uploaded slice sent back by ``explain`` for the page to draw the box on.
+SLICE_PREVIEW_SIDE = 512
+
+#: What the user is told when the kidney band could not be anchored on the spine.
+ROI_WARNINGS = {
+    "body": "spine not found: the model saw the whole body instead of the kidney band",
+    "full": "spine not found and no body outline either: the model saw the whole image",
+}
+
+
+def _failure(index: int, exc: InputError) -> dict[str, Any]:
+    return {
+        "index": index,
+        "ok": False,
+        "error": {"status": exc.status, "code": exc.code, "message": exc.message},
+    }
+
+
 def _analyse(explain: bool) -> Response:
     t_start = time.perf_counter()
     predictor = _predictor()
@@ -156,18 +181,24 @@ def _analyse(explain: bool) -> Response:
             raise InputError(400, str(exc), "bad_option") from exc
     alpha = _alpha(options.get("alpha")) if explain else 0.5
     decoded = _decode_all(blobs)
+    failures = [(i, d) for i, (d, _) in enumerate(decoded) if isinstance(d, InputError)]
+    if len(blobs) == 1 and failures:
+        raise failures[0][1]  # one file: its own 4xx, as before batches existed
 
+    good = [(i, d, ms) for i, (d, ms) in enumerate(decoded) if isinstance(d, DecodedImage)]
     prepared = []
-    for dec, _ in decoded:
+    for _, dec, _ in good:
         t0 = time.perf_counter()
         prepared.append((*predictor.prepare(dec.image), (time.perf_counter() - t0) * 1000.0))
-    predictions = predictor.predict_tensors([p[1] for p in prepared])
+    # The files that decoded go through the model as one batch; the others keep their place
+    # in the answer with their own error, so one bad file never fails the rest.
+    predictions = predictor.predict_tensors([p[1] for p in prepared]) if prepared else []
 
-    results = []
-    for i, ((dec, decode_ms), (resized, tensor, roi, prep_ms), pred) in enumerate(
-        zip(decoded, prepared, predictions, strict=True)
+    results: list[dict[str, Any]] = [_failure(i, exc) for i, exc in failures]
+    for (i, dec, decode_ms), (resized, tensor, roi, prep_ms), pred in zip(
+        good, prepared, predictions, strict=True
     ):
-        item: dict[str, Any] = {"index": i, "input": dec.summary()}
+        item: dict[str, Any] = {"index": i, "ok": True, "input": dec.summary()}
         item.update(pred.to_dict())
         item["timing_ms"] = {
             "decode": round(decode_ms, 2),
@@ -176,13 +207,12 @@ def _analyse(explain: bool) -> Response:
         }
         item["roi"] = roi
         item["warnings"] = list(dec.warnings)
-        if roi is not None and roi.get("source") != "spine":
-            item["warnings"].append(
-                "no vertebra found: the model saw the whole body instead of the kidney band"
-            )
+        if roi is not None and roi.get("source") in ROI_WARNINGS:
+            item["warnings"].append(ROI_WARNINGS[roi["source"]])
         if explain:
             item["explanation"] = _explanation(
                 predictor,
+                dec.image,
                 resized,
                 tensor,
                 pred.predicted_index if target is None else target,
@@ -190,24 +220,61 @@ def _analyse(explain: bool) -> Response:
             )
             item["timing_ms"]["gradcam"] = item["explanation"].pop("time_ms")
         results.append(item)
-    return jsonify(
-        {
-            "model": predictor.model_info,
-            "refer_threshold": predictor.refer_threshold,
-            "count": len(results),
-            "results": results,
-            "timing_ms": {"total": round((time.perf_counter() - t_start) * 1000.0, 2)},
-            "disclaimer": DISCLAIMER,
-        }
-    )
+    results.sort(key=lambda r: int(r["index"]))
+    body: dict[str, Any] = {
+        "model": predictor.model_info,
+        "refer_threshold": predictor.refer_threshold,
+        "count": len(results),
+        "succeeded": len(good),
+        "failed": len(failures),
+        "results": results,
+        "timing_ms": {"total": round((time.perf_counter() - t_start) * 1000.0, 2)},
+        "disclaimer": DISCLAIMER,
+    }
+    if failures:
+        # Only fixed error codes reach the log line, never messages (they name no patient data,
+        # but the log promise is "codes and counts only").
+        g.error_code = ",".join(sorted({exc.code for _, exc in failures}))
+    if not good:
+        # Nothing could be analysed: a 4xx like a single bad file, with every file's reason.
+        first = failures[0][1]
+        reasons = "; ".join(exc.message for _, exc in failures)
+        message = f"none of the {len(blobs)} files could be analysed: {reasons}"
+        resp = jsonify(
+            {
+                "error": {"status": first.status, "code": first.code, "message": message},
+                **{k: body[k] for k in ("count", "succeeded", "failed", "results")},
+            }
+        )
+        resp.status_code = first.status
+        return resp
+    return jsonify(body)
+
+
+def _slice_preview(image: np.ndarray) -> tuple[np.ndarray, float]:
+    """The uploaded slice shrunk to at most :data:`SLICE_PREVIEW_SIDE` px, and the scale used."""
+    import cv2
+
+    h, w = image.shape
+    scale = min(1.0, SLICE_PREVIEW_SIDE / max(h, w))
+    if scale < 1.0:
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    return image, scale
 
 
 def _explanation(
-    predictor: Predictor, resized: Any, tensor: Any, target: int, alpha: float
+    predictor: Predictor,
+    original: np.ndarray,
+    resized: Any,
+    tensor: Any,
+    target: int,
+    alpha: float,
 ) -> dict[str, Any]:
     from kidneyscan.explain.gradcam import colorize_heatmap, overlay_heatmap, png_bytes
 
     exp = predictor.explain(resized, tensor, target)
+    preview, scale = _slice_preview(original)
 
     def b64png(arr: Any) -> str:
         return base64.b64encode(png_bytes(arr)).decode("ascii")
@@ -222,6 +289,9 @@ def _explanation(
         "image_png": b64png(exp.image),
         "heatmap_png": b64png(colorize_heatmap(exp.heatmap)),
         "overlay_png": b64png(overlay_heatmap(exp.image, exp.heatmap, alpha=alpha)),
+        "slice_png": b64png(preview),
+        "slice_size": list(preview.shape),
+        "slice_scale": round(scale, 6),
         "time_ms": round(exp.time_ms, 2),
     }
 

@@ -74,7 +74,8 @@ def build_openapi(classes: list[str], config: ServeConfig) -> dict[str, Any]:
             "requestBody": analyse_body,
             "responses": {
                 "200": {
-                    "description": "One result per image, in upload order",
+                    "description": "One result per image, in upload order; with several images "
+                    "a file that fails has ok=false and its own error, the others are analysed",
                     "content": {
                         "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
                     },
@@ -88,6 +89,12 @@ def build_openapi(classes: list[str], config: ServeConfig) -> dict[str, Any]:
         "type": "object",
         "properties": {
             "index": {"type": "integer"},
+            "ok": {"type": "boolean", "description": "false: this file failed, see 'error'"},
+            "error": {
+                "type": "object",
+                "description": "Only when ok is false: status, code and message of this file "
+                "(the other files of the request are still analysed)",
+            },
             "input": {"type": "object"},
             "predicted_class": {"type": "string", "enum": classes},
             "predicted_index": {"type": "integer"},
@@ -97,6 +104,11 @@ def build_openapi(classes: list[str], config: ServeConfig) -> dict[str, Any]:
             "probabilities": probs,
             "refer_to_radiologist": {"type": "boolean"},
             "timing_ms": {"type": "object"},
+            "roi": {
+                "type": ["object", "null"],
+                "description": "Crop box (top, left, bottom, right) in pixels of the uploaded "
+                "image and its source: spine (kidney band), body or full (spine not found)",
+            },
             "warnings": {"type": "array", "items": {"type": "string"}},
         },
     }
@@ -115,6 +127,12 @@ def build_openapi(classes: list[str], config: ServeConfig) -> dict[str, Any]:
                             "image_png": {"type": "string", "contentEncoding": "base64"},
                             "heatmap_png": {"type": "string", "contentEncoding": "base64"},
                             "overlay_png": {"type": "string", "contentEncoding": "base64"},
+                            "slice_png": {
+                                "type": "string",
+                                "contentEncoding": "base64",
+                                "description": "The uploaded slice (at most 512 px) the roi "
+                                "box is drawn on; slice_scale = its size / the upload's",
+                            },
                         },
                     }
                 },
@@ -129,6 +147,8 @@ def build_openapi(classes: list[str], config: ServeConfig) -> dict[str, Any]:
                 "model": {"type": "object"},
                 "refer_threshold": {"type": "number"},
                 "count": {"type": "integer"},
+                "succeeded": {"type": "integer"},
+                "failed": {"type": "integer"},
                 "results": {"type": "array", "items": {"$ref": f"#/components/schemas/{item}"}},
                 "timing_ms": {"type": "object"},
                 "disclaimer": {"type": "string"},
