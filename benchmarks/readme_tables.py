@@ -52,7 +52,11 @@ SOURCES = {
     "deploy": lambda: tables(RESULTS / "federated_deploy.md").split("\n\n", 1)[-1],
     "phantom_speed": lambda: tables(RESULTS / "phantom_speed.md"),
     "phantom_shortcuts": lambda: tables(RESULTS / "phantom_shortcuts.md"),
-    "dip": lambda: tables(RESULTS / "preprocess" / "bench.md"),
+    "dip_summary": lambda: tables(RESULTS / "preprocess" / "summary.md"),
+    "dip": lambda: "\n\n".join(
+        tables(RESULTS / "preprocess" / f"{part}.md")
+        for part in ("enhancement", "restoration", "segmentation")
+    ),
     "performance": lambda: section(RESULTS / "performance.md"),
 }
 

@@ -53,12 +53,14 @@ FILTERS = [
     (restore.mean_contraharmonic, {"q": -1.5}),
     (restore.filter_median, {}),
     (restore.median_adaptive, {}),
+    (restore.median_switching, {}),
     (restore.mean_alpha_trimmed, {"size": 3, "d": 2}),
     (restore.filter_wiener, {}),
     (restore.denoise_nlm, {}),
     (restore.denoise_tv, {}),
     (restore.denoise_bm3d, {}),
     (restore.notch_filter, {}),
+    (restore.subtract_periodic, {}),
     (restore.restore_auto, {}),
 ]
 
@@ -131,8 +133,8 @@ def test_notch_removes_periodic_noise(clean: np.ndarray) -> None:
 @pytest.mark.parametrize(
     ("kind", "params", "expected", "family"),
     [
-        ("salt_pepper", {"amount": 0.05}, "impulse", "median_adaptive"),
-        ("periodic", {"amplitude": 0.08, "frequency": 0.15}, "periodic", "notch"),
+        ("salt_pepper", {"amount": 0.05}, "impulse", "median_switching"),
+        ("periodic", {"amplitude": 0.08, "frequency": 0.15}, "periodic", "periodic_subtract"),
         ("gaussian", {"sigma": 0.05}, "random", "nlm"),
         ("rayleigh", {"sigma": 0.05}, "random", "nlm"),
         ("poisson", {"peak": 100.0}, "random", "nlm"),
@@ -163,3 +165,69 @@ def test_denoise_dispatch_and_errors(clean: np.ndarray) -> None:
     )
     with pytest.raises(ValueError, match="unknown denoise method"):
         restore.denoise(noisy, method="magic")
+
+
+def test_switching_median_leaves_uncorrupted_pixels_and_reaches_35_db(clean: np.ndarray) -> None:
+    # Prepare: 5 % salt and pepper on a 64 px slice with black air around the body
+    noisy = noise.add_salt_pepper(clean, amount=0.05, rng=2)
+    flagged = restore.impulse_mask(noisy)
+    # Execute
+    out = restore.median_switching(noisy)
+    one = restore.median_switching(noisy, passes=1)
+    # Assert: only pixels at 0 or 1 ever change (one pass: only flagged ones), almost every
+    # corrupted pixel is flagged, and the PSNR is >= 35 dB (measured 40.3; the adaptive
+    # median gets far less on this slice)
+    corrupted = np.abs(noisy - clean) > 0.1  # pepper on near-black air is no corruption
+    grey = (noisy > 0) & (noisy < 1)
+    np.testing.assert_array_equal(out[grey], noisy[grey])
+    np.testing.assert_array_equal(one[~flagged], noisy[~flagged])
+    assert (flagged & corrupted).sum() >= 0.9 * corrupted.sum()
+    assert metrics.psnr(clean, out) >= 35.0
+    assert metrics.psnr(clean, out) > metrics.psnr(clean, restore.median_adaptive(noisy)) + 3.0
+
+
+def test_impulse_mask_ignores_black_air_and_thin_lines() -> None:
+    img = np.zeros((32, 32), np.float32)  # black air
+    img[8:24, 8:24] = 0.5
+    img[28, :] = 1.0  # a 1-px table line at full brightness
+    assert not restore.impulse_mask(img).any()
+    img[15, 15] = 1.0  # one salt impulse inside tissue
+    assert restore.impulse_mask(img).sum() == 1
+
+
+def test_switching_median_rejects_bad_parameters(clean: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="passes"):
+        restore.median_switching(clean, passes=0)
+    with pytest.raises(ValueError, match="threshold"):
+        restore.median_switching(clean, threshold=1.5)
+    with pytest.raises(ValueError, match="max_size"):
+        restore.median_switching(clean, max_size=4)
+
+
+def test_declip_undoes_the_clipping_bias() -> None:
+    # The mean of clipped N(0, 0.05) noise on black is 0.05 / sqrt(2 pi) = 0.0199
+    biased = np.full((8, 8), 0.05 / np.sqrt(2 * np.pi), np.float32)
+    assert float(restore.declip(biased, sigma=0.05).max()) < 1e-3
+    mid = np.full((8, 8), 0.5, np.float32)
+    np.testing.assert_allclose(restore.declip(mid, sigma=0.05), mid, atol=1e-4)
+    with pytest.raises(ValueError, match="sigma"):
+        restore.declip(mid, sigma=0.0)
+
+
+def test_clipped_gaussian_noise_is_detected_and_declipped(clean: np.ndarray) -> None:
+    noisy = noise.add_gaussian(clean, sigma=0.05, rng=3)
+    est = restore.estimate_noise(noisy)
+    assert est.kind == "random" and est.clipped
+    assert est.sigma == pytest.approx(0.05, rel=0.3)  # the whole-image estimate is ~30 % low
+    assert [s["name"] for s in restore.choose_restoration(est)] == ["nlm", "declip"]
+    plain = restore.denoise_nlm(noisy, sigma=est.sigma, h_factor=1.0)
+    # measured +1.0 dB on this 64 px slice, +2.9 dB on the 256 px phantom (bench)
+    assert metrics.psnr(clean, restore.restore_auto(noisy)) > metrics.psnr(clean, plain) + 0.5
+
+
+def test_periodic_subtraction_beats_the_notch(clean: np.ndarray) -> None:
+    noisy = noise.add_periodic(clean, amplitude=0.1, frequency=0.2, angle=30.0, rng=6)
+    out = restore.subtract_periodic(noisy)
+    # measured: noisy 24.4 dB, notch 29.8, subtraction 31.9
+    assert metrics.psnr(clean, out) > metrics.psnr(clean, restore.notch_filter(noisy)) + 1.0
+    np.testing.assert_array_equal(restore.subtract_periodic(clean), clean)  # no spike: unchanged

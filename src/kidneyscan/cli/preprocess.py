@@ -34,12 +34,22 @@ def bench(
     """Score every enhancement, restoration and segmentation method on phantom ground truth."""
     from rich.progress import Progress
 
-    from kidneyscan.preprocess.bench import BenchConfig, run_bench, write_outputs
+    from kidneyscan.preprocess.bench import (
+        NOISE_LEVELS,
+        NOISE_LEVELS_HARD,
+        BenchConfig,
+        run_bench,
+        write_outputs,
+    )
 
     cfg = BenchConfig(
         n=n, image_size=image_size, n_restore=min(n_restore, n), sites=sites, seed=seed
     )
-    totals = {"enhancement": cfg.n, "restoration": cfg.n_restore * 8, "segmentation": cfg.n}
+    totals = {
+        "enhancement": cfg.n,
+        "restoration": cfg.n_restore * (len(NOISE_LEVELS) + len(NOISE_LEVELS_HARD)),
+        "segmentation": cfg.n,
+    }
     with Progress() as bar:
         tasks = {k: bar.add_task(k, total=v) for k, v in totals.items()}
         results = run_bench(cfg, progress=lambda stage, k: bar.advance(tasks[stage], k))

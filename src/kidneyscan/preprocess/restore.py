@@ -102,6 +102,95 @@ def median_adaptive(image: np.ndarray, *, max_size: int = 7) -> np.ndarray:
     return _done(out)
 
 
+def impulse_mask(image: np.ndarray, *, threshold: float = 0.05) -> np.ndarray:
+    """Salt-and-pepper impulses: isolated pixels stuck at 0 or 1, unlike their 3x3 median.
+
+    Black air and saturated bone are at 0 / 1 too, but so are their neighbours: they are not
+    flagged, which is what lets :func:`median_switching` leave them alone.
+
+    Parameters
+    ----------
+    image
+        float32 (H, W) in [0, 1].
+    threshold
+        Minimum absolute difference to the 3x3 median.
+    """
+    img = as_image(image)
+    med = ndi.median_filter(img, size=3, mode="reflect")
+    low, high = img <= 1e-6, img >= 1 - 1e-6
+    # Impulses are scattered; thin lines at 0 or 1 (the scanner table, a bone cortex, the air
+    # gap beside the skin) put 3 or more same-valued pixels in a 3x3 window and 5 or more in a
+    # 5x5 one. The limit grows
+    # with the impulse density measured in tissue (median away from 0 and 1), so clusters of
+    # dense noise still count as impulses.
+    tissue = (med > threshold) & (med < 1 - threshold)
+    isolated = np.zeros(img.shape, dtype=bool)
+    for ext in (low, high):
+        p = float(ext[tissue].mean()) if tissue.any() else 0.0
+        limit = max(3.0, 25 * p + 2 * np.sqrt(25 * p))
+        count = ndi.uniform_filter(ext.astype(np.float32), 5, mode="reflect") * 25
+        near = ndi.uniform_filter(ext.astype(np.float32), 3, mode="reflect") * 9
+        isolated |= ext & ((count <= limit + 0.5) | (near <= 2.5))
+    return np.asarray(isolated & (np.abs(img - med) > threshold), dtype=bool)
+
+
+@register_step("median_switching")
+def median_switching(
+    image: np.ndarray, *, max_size: int = 7, threshold: float = 0.05, passes: int = 2
+) -> np.ndarray:
+    """Switching median filter for impulse noise: only detected impulses are replaced.
+
+    A pixel is an impulse when :func:`impulse_mask` flags it; it is replaced by the median of
+    the *unflagged* pixels of the smallest window (3, 5, ... ``max_size``) that holds any,
+    else by the plain median of the largest window. Every other pixel is returned unchanged,
+    so edges, 1-px lines and texture survive (the plain and adaptive medians blur or erase
+    them). No maintained library ships this filter.
+
+    Parameters
+    ----------
+    max_size
+        Largest odd window side.
+    threshold
+        Minimum difference to the 3x3 median for an extreme pixel to count as an impulse.
+    passes
+        Detection + replacement rounds; a second round catches impulses that touched others
+        (+0.2 dB at 5 %, +0.7 dB at 20 % on the phantom).
+    """
+    img = as_image(image)
+    smax = odd_size(max_size, name="max_size", minimum=3)
+    if not 0 < threshold < 1:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    if int(passes) != passes or passes < 1:
+        raise ValueError(f"passes must be an integer >= 1, got {passes!r}")
+    out = img
+    for _ in range(int(passes)):
+        out = _switch_once(out, smax, threshold)
+    return out
+
+
+def _switch_once(img: np.ndarray, smax: int, threshold: float) -> np.ndarray:
+    bad = impulse_mask(img, threshold=threshold)
+    out = img.copy()
+    todo = np.argwhere(bad)
+    r = smax // 2
+    vals = np.pad(np.where(bad, np.nan, img).astype(np.float64), r, mode="symmetric")
+    for s in range(3, smax + 1, 2):
+        if todo.size == 0:
+            break
+        off = r - s // 2
+        win = np.lib.stride_tricks.sliding_window_view(vals, (s, s))
+        patches = win[todo[:, 0] + off, todo[:, 1] + off].reshape(len(todo), -1)
+        ok = ~np.isnan(patches).all(axis=1)
+        if ok.any():
+            out[todo[ok, 0], todo[ok, 1]] = np.nanmedian(patches[ok], axis=1)
+        todo = todo[~ok]
+    if todo.size:
+        # Window full of impulses (very dense noise): the plain median is the best left.
+        med = ndi.median_filter(img, size=smax, mode="reflect")
+        out[todo[:, 0], todo[:, 1]] = med[todo[:, 0], todo[:, 1]]
+    return _done(out)
+
+
 @register_step("mean_alpha_trimmed")
 def mean_alpha_trimmed(image: np.ndarray, *, size: int = 5, d: int = 6) -> np.ndarray:
     """Alpha-trimmed mean: drop the ``d/2`` lowest and ``d/2`` highest values of each window.
@@ -288,14 +377,160 @@ def notch_filter(
     return _done(np.real(np.fft.ifft2(np.fft.ifftshift(spec * transfer))))
 
 
+def estimate_sigma_unclipped(image: np.ndarray) -> float:
+    """Noise std from mid-grey regions only: robust to noise clipped at 0 and 1.
+
+    Added noise is clipped to [0, 1], so in black air (most of a CT slice) and saturated
+    bone it is half rectified and the whole-image wavelet estimate comes out low (0.034 for
+    sigma 0.05 on the phantom). Here the diagonal Haar detail of 2x2 blocks, whose 7x7 local
+    mean lies in [0.2, 0.8], gives ``median(|d|) / 0.6745`` (falls back to
+    :func:`estimate_sigma` when no such block exists).
+    """
+    img = as_image(image).astype(np.float64)
+    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+    if h < 2 or w < 2:
+        return estimate_sigma(img)
+    x = img[:h, :w]
+    detail = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2.0
+    local = ndi.uniform_filter(img, 7, mode="reflect")[:h:2, :w:2]
+    keep = (local > 0.2) & (local < 0.8)
+    if keep.sum() < 16:
+        return estimate_sigma(img)
+    return float(np.median(np.abs(detail[keep])) / 0.6745)
+
+
+def clipped_fraction(image: np.ndarray, *, sigma: float) -> float:
+    """Share of near-black pixels (3x3 mean below ``sigma``) that sit exactly at 0.
+
+    Clipped zero-mean noise on black leaves about half of them at 0 and the rest scattered
+    above; a noise-free black region (or Poisson noise, which is 0 at 0) leaves all at 0.
+    """
+    img = as_image(image)
+    dark = ndi.uniform_filter(img, 3, mode="reflect") < max(sigma, 1e-3)
+    if dark.sum() < 16:
+        return 0.0
+    return float((img[dark] <= 1e-6).mean())
+
+
+@register_step("declip")
+def declip(image: np.ndarray, *, sigma: float) -> np.ndarray:
+    """Undo the bias that clipping to [0, 1] leaves in a denoised image (Foi, 2009).
+
+    A denoiser averages clipped noise: on black air (true 0) it returns
+    ``E[max(0, n)] = sigma / sqrt(2 pi)`` (0.02 for sigma 0.05, which caps PSNR near 35 dB
+    on a slice that is 70 % air). The expectation of the clipped Gaussian,
+    ``f(x) = E[clip(x + n, 0, 1)]``, is monotonic in ``x``; this maps each value ``z`` to
+    ``f^-1(z)`` (values below ``f(0)`` go to 0, above ``f(1)`` to 1). Mid-grey values, where
+    ``f(x) = x``, are unchanged.
+
+    Parameters
+    ----------
+    image
+        float32 (H, W) in [0, 1], the *denoised* image.
+    sigma
+        Standard deviation of the noise that was clipped.
+    """
+    from scipy.stats import norm
+
+    img = as_image(image)
+    sig = positive(sigma, name="sigma")
+    x = np.linspace(0.0, 1.0, 2049)
+
+    def g(t: np.ndarray) -> np.ndarray:  # E[max(0, t + n)], n ~ N(0, sigma^2)
+        return np.asarray(t * norm.cdf(t / sig) + sig * norm.pdf(t / sig))
+
+    f = g(x) - g(x - 1.0)  # clip(y, 0, 1) = max(0, y) - max(0, y - 1)
+    return _done(np.interp(img, f, x))
+
+
+def fit_periodic(image: np.ndarray, peaks: list[tuple[int, int]] | list[list[int]]) -> np.ndarray:
+    """Least-squares model of the sinusoids behind spectral ``peaks``, away from clipping.
+
+    Each spike's frequency is refined off the FFT grid (periodogram maximum, Nelder-Mead
+    from the bin), then amplitudes and phases of all sinusoids (and a constant) are fitted
+    jointly to the pixels far from any clipped one, where ``y = x + wave`` holds exactly.
+    Returns the fitted wave (float64, zero mean, same shape).
+    """
+    from scipy import optimize
+
+    img = as_image(image).astype(np.float64)
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    clipped = (img <= 1e-6) | (img >= 1 - 1e-6)
+    # Only pixels with no clipped pixel within 4 px: where the wave was cut off (air), the
+    # pixels that survive are those where it was positive, which would bias the fit.
+    ok = ~ndi.maximum_filter(clipped, size=9, mode="reflect")
+    if ok.sum() < 16 or not peaks:
+        return np.zeros(img.shape)
+    ys, xs, vals = yy[ok].astype(np.float64), xx[ok].astype(np.float64), img[ok]
+    vals = vals - vals.mean()
+
+    def power(f: np.ndarray) -> float:
+        ph = 2 * np.pi * (f[0] * ys + f[1] * xs)
+        return -float(np.abs(np.sum(vals * np.exp(-1j * ph))) ** 2)
+
+    freqs = []
+    for dy, dx in peaks:
+        f0 = np.array([dy / h, dx / w], dtype=np.float64)
+        res = optimize.minimize(
+            power,
+            f0,
+            method="Nelder-Mead",
+            options={
+                "xatol": 1e-6,
+                "fatol": 1e-9,
+                "initial_simplex": [f0, f0 + [0.5 / h, 0], f0 + [0, 0.5 / w]],
+            },
+        )
+        freqs.append(res.x)
+    cols = [np.ones_like(ys)]
+    for fy, fx in freqs:
+        ph = 2 * np.pi * (fy * ys + fx * xs)
+        cols += [np.cos(ph), np.sin(ph)]
+    coef, *_ = np.linalg.lstsq(np.stack(cols, 1), img[ok], rcond=None)
+    wave = np.zeros(img.shape)
+    for k, (fy, fx) in enumerate(freqs):
+        ph = 2 * np.pi * (fy * yy + fx * xx)
+        wave += coef[1 + 2 * k] * np.cos(ph) + coef[2 + 2 * k] * np.sin(ph)
+    return wave
+
+
+@register_step("periodic_subtract")
+def subtract_periodic(
+    image: np.ndarray, *, peaks: list[tuple[int, int]] | list[list[int]] | None = None
+) -> np.ndarray:
+    """Remove periodic interference by fitting and subtracting it (:func:`fit_periodic`).
+
+    Unlike the notch filter this removes the whole sinusoid, not a band of the spectrum, so
+    image detail at those frequencies survives; pixels clipped at 0 or 1 (black air, where
+    the interference was cut off) are left at 0 / 1, their most likely true value.
+    No spike (``peaks=None`` detects them with :func:`find_periodic_peaks`) -> unchanged.
+    """
+    img = as_image(image)
+    found = find_periodic_peaks(img) if peaks is None else [tuple(p) for p in peaks]
+    if not found:
+        return img.copy()
+    wave = fit_periodic(img, found)  # type: ignore[arg-type]
+    out = img.astype(np.float64) - wave
+    clipped = (img <= 1e-6) | (img >= 1 - 1e-6)
+    out[clipped] = img[clipped]
+    return _done(out)
+
+
 @dataclass
 class NoiseEstimate:
-    """What :func:`estimate_noise` found in an image."""
+    """What :func:`estimate_noise` found in an image.
+
+    ``clipped`` says that random noise was cut off at 0 (black air): then ``sigma`` is the
+    mid-grey estimate (:func:`estimate_sigma_unclipped`) and the denoised image is
+    :func:`declip`-ped.
+    """
 
     kind: Literal["impulse", "periodic", "random", "none"]
     sigma: float
     impulse_fraction: float
     periodic_peaks: list[tuple[int, int]] = field(default_factory=list)
+    clipped: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -311,7 +546,8 @@ def estimate_noise(
     differing by more than 0.25 from their 3 x 3 median (flat black air and thin bright
     lines do not count); periodic
     noise by isolated spectral spikes (:func:`find_periodic_peaks`); random noise by the
-    wavelet MAD sigma.
+    wavelet MAD sigma. Random noise counts as clipped when 20-80 % of the near-black pixels
+    sit exactly at 0 (:func:`clipped_fraction`; noise-free black and Poisson noise: ~100 %).
 
     Parameters
     ----------
@@ -342,26 +578,34 @@ def estimate_noise(
     sigma = estimate_sigma(img)
     if peaks:
         return NoiseEstimate("periodic", sigma, impulse_frac, peaks)
-    kind: Literal["random", "none"] = "random" if sigma >= sigma_threshold else "none"
-    return NoiseEstimate(kind, sigma, impulse_frac)
+    if sigma < sigma_threshold:
+        return NoiseEstimate("none", sigma, impulse_frac)
+    mid = estimate_sigma_unclipped(img)
+    if 0.2 <= clipped_fraction(img, sigma=mid) <= 0.8:
+        return NoiseEstimate("random", mid, impulse_frac, clipped=True)
+    return NoiseEstimate("random", sigma, impulse_frac)
 
 
 def choose_restoration(estimate: NoiseEstimate) -> list[dict[str, Any]]:
     """Pipeline steps ``[{"name": ..., **params}]`` that :func:`restore_auto` applies.
 
-    impulse -> adaptive median (then NLM if residual random noise remains); periodic ->
-    notch at the detected spikes (then NLM if needed); random -> non-local means with the
-    estimated sigma; none -> nothing.
+    impulse -> switching median; periodic -> fit and subtract the sinusoids at the detected
+    spikes; random -> non-local means with the estimated sigma (``h = sigma``, then
+    :func:`declip` when the noise was clipped); none -> nothing. :func:`restore_auto` adds
+    NLM when random noise remains after the impulse or periodic step.
     """
     if estimate.kind == "impulse":
-        steps: list[dict[str, Any]] = [{"name": "median_adaptive", "max_size": 7}]
-    elif estimate.kind == "periodic":
-        steps = [{"name": "notch", "peaks": [list(p) for p in estimate.periodic_peaks]}]
-    elif estimate.kind == "random":
+        return [{"name": "median_switching", "max_size": 7}]
+    if estimate.kind == "periodic":
+        return [{"name": "periodic_subtract", "peaks": [list(p) for p in estimate.periodic_peaks]}]
+    if estimate.kind == "random":
+        if estimate.clipped:
+            return [
+                {"name": "nlm", "sigma": estimate.sigma, "h_factor": 1.0},
+                {"name": "declip", "sigma": estimate.sigma},
+            ]
         return [{"name": "nlm", "sigma": estimate.sigma}]
-    else:
-        return []
-    return steps
+    return []
 
 
 @register_step("restore_auto")
@@ -391,7 +635,8 @@ def denoise(image: np.ndarray, *, method: str = "nlm", **params: Any) -> np.ndar
     """Dispatch to a restoration filter by name: ``denoise(method="nlm")`` in a pipeline.
 
     ``method`` is any registered restoration step (``nlm``, ``tv``, ``bm3d``, ``median``,
-    ``median_adaptive``, ``wiener``, ``notch``, ``restore_auto``, the ``mean_*`` filters).
+    ``median_adaptive``, ``median_switching``, ``wiener``, ``notch``, ``periodic_subtract``,
+    ``restore_auto``, the ``mean_*`` filters).
     """
     methods = {
         "mean_arithmetic": mean_arithmetic,
@@ -401,11 +646,13 @@ def denoise(image: np.ndarray, *, method: str = "nlm", **params: Any) -> np.ndar
         "mean_alpha_trimmed": mean_alpha_trimmed,
         "median": filter_median,
         "median_adaptive": median_adaptive,
+        "median_switching": median_switching,
         "wiener": filter_wiener,
         "nlm": denoise_nlm,
         "tv": denoise_tv,
         "bm3d": denoise_bm3d,
         "notch": notch_filter,
+        "periodic_subtract": subtract_periodic,
         "restore_auto": restore_auto,
     }
     if method not in methods:

@@ -1,0 +1,156 @@
+"""Kidney segmentation from the anatomy: seeded from the vertebra, marker watershed, morphology.
+
+The generic methods of :mod:`kidneyscan.preprocess.segment` look for kidney-like blobs anywhere
+in the body and then filter them; on a realistic slice they fuse the kidneys with the psoas,
+the quadratus lumborum and the back muscles that touch them, or pick a bowel loop. Here the
+one reliable landmark comes first: the vertebral body
+(:func:`kidneyscan.preprocess.roi.find_vertebra`).
+Both kidneys lie beside it at a nearly fixed position (measured on phantom slices of another
+seed than the benchmark's: centre 0.16-0.22 of the slice side lateral to the vertebra's centre,
+about 0.03 below its anterior edge; on real CT-KIDNEY slices the same box holds them). So:
+
+1. *soft tissue*: the smoothed slice above fat level, without the spine's bone;
+2. *seed* per side: the thickest soft-tissue point (distance-transform peak) near the expected
+   kidney centre; kidneys are the thickest soft-tissue blobs there (the muscles are thinner);
+3. *marker watershed* of the gradient: the kidney seed competes with markers in fat, bone,
+   the psoas and back muscles (fixed positions beside and behind the vertebra) and every tissue
+   far from the expected kidney, so the kidney's outline is the strongest edge between them,
+   even where it touches a muscle of nearly its density (unenhanced kidney 30-40 HU, muscle
+   ~50 HU);
+4. *morphology*: opening (cuts thin leaks), the seed's component, convex hull (the phantom's
+   and radiologists' kidney outline includes the renal sinus and hilum notch).
+
+Measured (``kidneyscan preprocess bench``): kidney IoU ~0.66 on the phantom, against 0.29 for
+the best generic method; the remaining error is the kidney's contact with muscles of nearly
+its density (unenhanced slices, IoU ~0.6) and the liver / spleen on upper slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import filters, measure, morphology, segmentation
+
+from kidneyscan.preprocess._checks import as_image
+from kidneyscan.preprocess.roi import find_vertebra
+from kidneyscan.preprocess.segment import body_mask
+
+#: Expected kidney centre relative to the vertebra, as fractions of the slice side: lateral
+#: offset from the vertebra's centre column, depth below its anterior edge.
+KIDNEY_LATERAL = 0.185
+KIDNEY_DEPTH = 0.03
+#: Fat / soft-tissue level in the W400/L40 window (0.33 = -28 HU: fat is -120 to -60 HU,
+#: water and cysts 0-20 HU, kidney and muscle 30-50 HU).
+FAT_LEVEL = 0.33
+
+
+@dataclass(frozen=True)
+class KidneyResult:
+    """Mask and how it was found: ``sides`` holds ``"left"`` / ``"right"`` for each kidney found."""
+
+    mask: np.ndarray
+    sides: tuple[str, ...]
+    seeds: tuple[tuple[int, int], ...]
+    vertebra_found: bool
+
+
+def segment_kidneys_anatomy(image: np.ndarray) -> np.ndarray:
+    """Kidney mask of an axial abdominal CT slice, seeded from the vertebra (module docstring).
+
+    Parameters
+    ----------
+    image
+        float32 (H, W) in [0, 1], soft-tissue window (W 400 / L 40).
+
+    Returns
+    -------
+    numpy.ndarray
+        bool (H, W); all False when no vertebra (and so no anchor) is found.
+    """
+    return find_kidneys(image).mask
+
+
+def find_kidneys(image: np.ndarray) -> KidneyResult:
+    """Like :func:`segment_kidneys_anatomy`, also saying which kidneys were found and where."""
+    img = as_image(image)
+    h, w = img.shape
+    empty = np.zeros(img.shape, dtype=bool)
+    vert = find_vertebra(img)
+    if vert is None:
+        return KidneyResult(empty, (), (), False)
+    anterior, centre, _, _ = vert
+    side = float(max(h, w))
+    body = body_mask(img)
+    smooth = filters.gaussian(img, sigma=max(1.0, side / 256), preserve_range=True)
+    # The spine's bone: bright components next to the vertebra (body, pedicles, processes).
+    bright = measure.label(smooth > 0.8)
+    spine = np.zeros(img.shape, dtype=bool)
+    for reg in measure.regionprops(bright):
+        cy, cx = reg.centroid
+        if abs(cx - centre) < 0.09 * side and -0.03 * side < cy - anterior < 0.2 * side:
+            spine |= bright == reg.label
+    spine = ndi.binary_dilation(spine, iterations=max(1, round(side / 256)))
+    tissue = (smooth > FAT_LEVEL) & body & ~spine
+    tissue = morphology.remove_small_holes(tissue, max_size=int(0.002 * side * side))
+    dist = ndi.distance_transform_edt(tissue)
+    grad = filters.sobel(filters.gaussian(img, sigma=max(1.0, 1.5 * side / 256)))
+
+    yy, xx = np.mgrid[0:h, 0:w]
+    markers = np.zeros(img.shape, np.int32)
+    markers[~body | (smooth < FAT_LEVEL - 0.05)] = 1
+    markers[spine] = 1
+    exp_row = anterior + KIDNEY_DEPTH * side
+    seeds: list[tuple[int, int]] = []
+    names: list[str] = []
+    labels_for: list[int] = []
+    reach = 0.11 * side
+    far = np.ones(img.shape, dtype=bool)
+    for k, s in enumerate((-1, 1)):
+        exp_col = centre + s * KIDNEY_LATERAL * side
+        d2 = ((yy - exp_row) ** 2 + (xx - exp_col) ** 2) / (0.05 * side) ** 2
+        # Thick and near the expected centre; the prior weight keeps the liver or spleen
+        # (thicker still, but further lateral and anterior) from winning.
+        score = dist / (0.05 * side) - 0.5 * d2
+        score[~tissue | (d2 > 5.0)] = -np.inf
+        if not np.isfinite(score).any():
+            continue
+        r, c = np.unravel_index(int(np.argmax(score)), score.shape)
+        seeds.append((int(r), int(c)))
+        names.append("left" if s < 0 else "right")
+        lab = 2 + k
+        labels_for.append(lab)
+        rad = max(1.0, 0.5 * dist[r, c])
+        disk = (yy - r) ** 2 + (xx - c) ** 2 <= rad**2
+        markers[disk & tissue] = lab
+        far &= (yy - exp_row) ** 2 + (xx - exp_col) ** 2 > reach**2
+        # psoas (beside the vertebra) and back muscles (behind the transverse process)
+        for dr, dc in ((0.0, 0.075), (0.1, 0.09), (0.1, 0.13)):
+            pr, pc = int(anterior + dr * side), int(centre + s * dc * side)
+            pm = (yy - pr) ** 2 + (xx - pc) ** 2 <= (0.012 * side) ** 2
+            markers[pm & tissue & (markers == 0)] = 1
+    markers[far & tissue & (markers == 0)] = 1
+    if not seeds:
+        return KidneyResult(empty, (), (), True)
+    ws = segmentation.watershed(grad, markers, mask=body)
+    out = empty.copy()
+    r_open = max(1, round(0.012 * side))
+    disk_open = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_open + 1, 2 * r_open + 1))
+    found: list[str] = []
+    kept: list[tuple[int, int]] = []
+    for name, lab, (sr, sc) in zip(names, labels_for, seeds, strict=True):
+        region = ndi.binary_fill_holes(ws == lab)
+        region = cv2.morphologyEx(region.astype(np.uint8), cv2.MORPH_OPEN, disk_open).astype(bool)
+        comp = measure.label(region)
+        if comp[sr, sc] == 0:
+            continue
+        region = comp == comp[sr, sc]
+        area = region.sum() / side**2
+        if not 0.003 <= area <= 0.04:
+            continue
+        out |= morphology.convex_hull_image(region)
+        found.append(name)
+        kept.append((sr, sc))
+    return KidneyResult(out, tuple(found), tuple(kept), True)
