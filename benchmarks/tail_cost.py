@@ -1,0 +1,127 @@
+"""Benchmark: cost of one training step of the trainable tail, per freeze depth of the default
+hybrid (CT ResNet-152, kidney band 224 x 336), on cached-prefix features.
+
+Why: the fully frozen default trains only the token projection, the encoder and the head; the
+mission's 80 % frozen variant also trains the last backbone blocks through every epoch. This
+times both tails side by side (forward + backward + AdamW step on random features of the
+prefix's output shape, batch 8, interleaved repetitions), so the choice of default can be read as
+a ratio. Writes ``benchmarks/results/tail_cost.{json,md}``.
+
+Usage::
+
+    python benchmarks/tail_cost.py --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from kidneyscan.config import ExperimentConfig
+from kidneyscan.experiment import build_model
+from kidneyscan.models.frozen import FrozenSplit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tail(freeze: float, token_stage: int | None) -> tuple[FrozenSplit, tuple[int, ...]]:
+    cfg = ExperimentConfig()
+    kwargs = {**cfg.model_kwargs, "freeze_fraction": freeze}
+    if token_stage is not None:
+        kwargs["token_stage"] = token_stage
+    model, _ = build_model(cfg.replace(model_kwargs=kwargs, weights="none"), 4)
+    split = FrozenSplit(model)
+    with torch.no_grad():
+        shape = tuple(split.features(torch.zeros(1, 3, 224, 336)).shape[1:])
+    return split, shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Time the tails side by side and write the table."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
+    ap.add_argument("--note", default="")
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    variants = {
+        "fully frozen (default): layer3 tokens, encoder, head": (1.0, None),
+        "80 % frozen, layer3 tokens: last 8 layer3 blocks + encoder + head": (0.8, None),
+        "80 % frozen, layer4 tokens: last 8 layer3 + 3 layer4 blocks + encoder + head": (0.8, -1),
+    }
+    built = {name: _tail(*v) for name, v in variants.items()}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for rep in range(args.reps + 1):  # the first pass warms up and is not counted
+        for name, (split, shape) in built.items():
+            tail = split.tail
+            tail.train()
+            params = [p for p in tail.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4)
+            x = torch.randn(args.batch, *shape)
+            y = torch.randint(0, 4, (args.batch,))
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(tail(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if rep:
+                times[name].append(time.perf_counter() - t0)
+    base = min(times[next(iter(times))])
+    rows = []
+    for name, (split, shape) in built.items():
+        best = min(times[name])
+        n_train = sum(p.numel() for p in split.tail.parameters() if p.requires_grad)
+        rows.append(
+            {
+                "tail": name,
+                "cut": split.cut,
+                "feature_shape": list(shape),
+                "trainable_params": n_train,
+                "step_s": best,
+                "images_per_s": args.batch / best,
+                "ratio": best / base,
+            }
+        )
+    meta = {
+        "command": "python benchmarks/tail_cost.py " + " ".join(argv or []),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{args.threads} threads",
+        "note": args.note,
+        "batch": args.batch,
+        "reps": args.reps,
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "tail_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    lines = [
+        "# Training-step cost of the trainable tail per freeze depth",
+        "",
+        "| tail | cached features | trainable parameters | step, batch "
+        f"{args.batch} (s, best of {args.reps}) | images/s | x fully frozen |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        shape = " x ".join(str(v) for v in r["feature_shape"])
+        lines.append(
+            f"| {r['tail']} | {r['cut']} ({shape}) | {r['trainable_params'] / 1e6:.1f} M | "
+            f"{r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['ratio']:.1f} |"
+        )
+    lines += [
+        "",
+        f"`{meta['command'].strip()}` ({meta['machine']}{'; ' + args.note if args.note else ''})",
+        "",
+    ]
+    (args.results / "tail_cost.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
