@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import platform
+import shlex
 import sys
 import time
 from collections.abc import Callable
@@ -228,7 +229,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for j, r in enumerate(rev):
         ax.plot(r["fold_macro_f1"], [j] * len(r["fold_macro_f1"]), "k.", ms=4)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("macro-F1, 5 contiguous-band folds (bar: pooled, 95 % CI; dots: folds)")
+    ax.set_xlabel("macro-F1 (bar: pooled, 95 % CI; dots: the 5 band folds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -257,6 +258,40 @@ def main(argv: list[str] | None = None) -> int:
     json_path = args.results / "real_sample.json"
     previous = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
     done = {r["row"]: r for r in previous if "row" in r}  # rows of this script's format
+    # The note is shown on its own next to the command, not repeated inside it.
+    shown = [a for a in (argv or sys.argv[1:]) if a != args.note]
+    shown = [a for a in shown if a != "--note"]
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *shown])
+
+    def write() -> list[dict[str, Any]]:
+        """Write the rows done so far (a long run keeps what it measured)."""
+        rows = [done[n] for n in ROWS if n in done]
+        args.results.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch {torch.__version__}, {args.threads} threads",
+            "note": args.note,
+            "folds": args.folds,
+        }
+        json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+        runs: dict[str, list[str]] = {}
+        for r in rows:
+            key = f"`{r.get('command', '?')}`" + (f" ({r['note']})" if r.get("note") else "")
+            runs.setdefault(key, []).append(r["row"])
+        md = [
+            "# Real CT-KIDNEY sample: 5-fold contiguous-band cross-validation",
+            "",
+            _table(rows),
+            "",
+            f"Machine: {meta['machine']}. Made by:",
+            "",
+            *[f"- {key}: rows {', '.join(of)}" for key, of in runs.items()],
+            "",
+        ]
+        (args.results / "real_sample.md").write_text("\n".join(md))
+        _plot(rows, args.results / "real_sample.png")
+        return rows
+
     for name in names:
         desc, cfg, probe = ROWS[name]
         print(f"{name}: {desc}", flush=True)
@@ -266,27 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         result = runner(cfg, args.data, splits, *extra)
         done[name] = _row(name, desc, result, args.bootstrap)
         done[name]["wall_s"] = time.perf_counter() - t0
+        done[name]["command"] = command
+        done[name]["note"] = args.note
         print(f"  pooled macro-F1 {done[name]['macro_f1']:.3f}", flush=True)
-    rows = [done[n] for n in ROWS if n in done]
-    args.results.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "command": "python " + " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__}, {args.threads} threads",
-        "note": args.note,
-        "folds": args.folds,
-    }
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = [
-        "# Real CT-KIDNEY sample: 5-fold contiguous-band cross-validation",
-        "",
-        f"`{meta['command']}` ({meta['machine']}{'; ' + args.note if args.note else ''})",
-        "",
-        _table(rows),
-        "",
-    ]
-    (args.results / "real_sample.md").write_text("\n".join(md))
-    _plot(rows, args.results / "real_sample.png")
+        write()
+    rows = write()
     print(_table(rows))
     return 0
 
