@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from kidneyscan.data.datasets import CLASSES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _perf_common import (  # noqa: E402
     REAL_DATA,
@@ -62,7 +64,6 @@ from _perf_common import (  # noqa: E402
     write_results,
 )
 
-CLASSES = ["Cyst", "Normal", "Stone", "Tumor"]
 REPO = Path(__file__).resolve().parents[1]
 #: The README's production command; ``{port}`` replaces 8000 so runs never collide.
 GUNICORN = ["-w", "{workers}", "-b", "127.0.0.1:{port}", "kidneyscan.serve:create_app()"]
@@ -88,7 +89,7 @@ def build_checkpoint(out: Path) -> Path:
     prep = Preprocessor(steps=[{"name": "crop_kidney_band"}], image_size=64, image_width=96)
     meta = {
         "model": {"name": "convnext_atto", "kwargs": {}},
-        "classes": CLASSES,
+        "classes": list(CLASSES),
         "preprocessing": prep.to_dict(),
         "temperature": 1.0,
         "task": "kidney-ct-4class",

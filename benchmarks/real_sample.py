@@ -259,8 +259,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = json.loads(json_path.read_text())["rows"] if json_path.is_file() else []
     done = {r["row"]: r for r in previous if "row" in r}  # rows of this script's format
     # The note is shown on its own next to the command, not repeated inside it.
-    shown = [a for a in (argv or sys.argv[1:]) if a != args.note]
-    shown = [a for a in shown if a != "--note"]
+    given = list(argv if argv is not None else sys.argv[1:])
+    shown = [
+        a for i, a in enumerate(given) if a != "--note" and (i == 0 or given[i - 1] != "--note")
+    ]
+    shown = [a for a in shown if not a.startswith("--note=")]
     command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *shown])
 
     def write() -> list[dict[str, Any]]:
