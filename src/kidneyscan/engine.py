@@ -239,7 +239,8 @@ def train_one_epoch(
     model
         Classifier returning logits.
     loader
-        Yields ``(x, y)`` batches.
+        Yields ``(x, y)`` batches; ``y`` holds class indices ``(B,)`` or class
+        distributions ``(B, K)`` (soft targets, e.g. a teacher's probabilities).
     optimizer
         Optimiser over the model's trainable parameters.
     loss_fn
@@ -285,7 +286,9 @@ def train_one_epoch(
             scheduler.step()
         b = int(y.shape[0])
         total_loss += float(loss.detach()) * b
-        correct += int((logits.detach().argmax(1) == y).sum())
+        # Soft targets (B, K) (distillation) count as their most probable class.
+        hard = y.argmax(1) if y.ndim == 2 else y
+        correct += int((logits.detach().argmax(1) == hard).sum())
         n += b
     if n == 0:
         raise ValueError("the training loader yielded no batches")
