@@ -68,10 +68,10 @@ def test_app_directories_are_valid_flower_apps(tmp_path: Path, kind: str) -> Non
 
 
 def test_run_config_parser() -> None:
-    parsed = deploy._parse_run_config("num-server-rounds=3 dp='client-fixed' lr=0.5 x=word")
+    parsed = deploy.parse_run_config("num-server-rounds=3 dp='client-fixed' lr=0.5 x=word")
     assert parsed == {"num-server-rounds": 3, "dp": "client-fixed", "lr": 0.5, "x": "word"}
     with pytest.raises(ValueError, match="not key=value"):
-        deploy._parse_run_config("rounds")
+        deploy.parse_run_config("rounds")
 
 
 @pytest.mark.slow

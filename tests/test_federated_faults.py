@@ -13,6 +13,7 @@ import pytest
 
 import kidneyscan
 from kidneyscan.federated import deploy
+from kidneyscan.federated.grid import NodeDeadlineGrid, NodesUnavailableError
 
 pytestmark = pytest.mark.slow
 
@@ -106,13 +107,13 @@ class _FakeGrid:
 
 def test_node_deadline_grid_resets_and_raises() -> None:
     # Enough nodes, then a short dip (recovers), then too few for longer than the deadline.
-    grid = deploy.NodeDeadlineGrid(_FakeGrid([3, 1, 3, 1]), min_nodes=2, timeout_s=0.3)
+    grid = NodeDeadlineGrid(_FakeGrid([3, 1, 3, 1]), min_nodes=2, timeout_s=0.3)
     assert len(list(grid.get_node_ids())) == 3
     assert len(list(grid.get_node_ids())) == 1  # starts the clock
     assert len(list(grid.get_node_ids())) == 3  # recovered: clock reset
     assert len(list(grid.get_node_ids())) == 1
     time.sleep(0.4)
-    with pytest.raises(deploy.NodesUnavailableError, match="only 1 of the minimum 2"):
+    with pytest.raises(NodesUnavailableError, match="only 1 of the minimum 2"):
         grid.get_node_ids()
     with pytest.raises(ValueError, match="min_nodes"):
-        deploy.NodeDeadlineGrid(_FakeGrid([1]), min_nodes=0, timeout_s=1)
+        NodeDeadlineGrid(_FakeGrid([1]), min_nodes=0, timeout_s=1)

@@ -133,7 +133,7 @@ def test_wrap_strategy_off_and_robust_rejected() -> None:
 def _simulate(tmp_path: Path, overrides: dict) -> dict:
     from flwr.simulation import run_simulation
 
-    from kidneyscan.federated import smoke
+    from kidneyscan.testing import smoke
 
     overrides = {"out-dir": str(tmp_path), **overrides}
     run_simulation(

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kidneyscan.federated import secagg, smoke
+from kidneyscan.federated import secagg, secagg_app
+from kidneyscan.testing import secagg_smoke, smoke
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +34,8 @@ def test_secagg_equals_fedavg_with_and_without_dropout() -> None:
         "fail-round": 2,
     }
     rounds: list[dict] = []
-    server = secagg.make_server_app(overrides=overrides, on_round=rounds.append)
-    client = secagg.make_client_app(overrides=overrides)
+    server = secagg_smoke.make_server_app(overrides=overrides, on_round=rounds.append)
+    client = secagg_smoke.make_client_app(overrides=overrides)
 
     # Execute
     run_simulation(
@@ -52,7 +53,7 @@ def test_secagg_equals_fedavg_with_and_without_dropout() -> None:
     previous = list(smoke.initial_weights().values())
     for record, survivors in zip(rounds, (range(4), range(3)), strict=True):
         updates = [
-            secagg.local_update(previous, pid, config, server_round=record["round"])[:2]
+            secagg_smoke.local_update(previous, pid, config, server_round=record["round"])[:2]
             for pid in survivors
         ]
         expected = _fedavg(updates)
@@ -97,7 +98,7 @@ def test_kidneyscan_secagg_client_trains_its_partition(phantom_dir, tmp_path, mo
     }
     monkeypatch.delenv(task.CONFIG_ENV, raising=False)
     context = SimpleNamespace(run_config=run_config, node_config={"partition-id": 1})
-    client = secagg.KidneyScanNumPyClient(context)
+    client = secagg_app.KidneyScanNumPyClient(context)
     initial = client.get_parameters({})
 
     # Execute

@@ -17,7 +17,11 @@ Run config keys: ``num-server-rounds``, ``min-clients``, ``node-timeout``, ``sec
 (default: all sampled clients), ``secagg-threshold`` (default: ``max(2, shares // 2 + 1)``),
 ``secagg-timeout`` (s each protocol stage waits for replies, default 60),
 ``secagg-clipping-range`` (8.0), ``secagg-quantization-range`` (2**22), plus the keys of the
-client (see :mod:`kidneyscan.federated.smoke` for the smoke client).
+client.
+
+This module builds the apps around any client and initial parameters; the Flower components
+that train the KidneyScan model are in :mod:`kidneyscan.federated.secagg_app`, the seconds-long
+smoke model under SecAgg+ in :mod:`kidneyscan.testing.secagg_smoke`.
 """
 
 from __future__ import annotations
@@ -28,9 +32,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from flwr.app import Context
+from flwr.client import ClientApp
+from flwr.client.mod import secaggplus_mod
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
 
-from kidneyscan.federated import smoke
-from kidneyscan.federated.deploy import NodeDeadlineGrid, NodesUnavailableError
+from kidneyscan.federated.grid import NodeDeadlineGrid, NodesUnavailableError
 
 LOGGER = logging.getLogger("kidneyscan.federated.secagg")
 
@@ -79,12 +91,8 @@ def secagg_settings(config: Mapping[str, Any], num_clients: int) -> dict[str, An
     }
 
 
-def _smoke_initial(config: Mapping[str, Any]) -> list[np.ndarray]:
-    return list(smoke.initial_weights().values())
-
-
 def make_server_app(
-    initial_parameters: Callable[[Mapping[str, Any]], list[np.ndarray]] = _smoke_initial,
+    initial_parameters: Callable[[Mapping[str, Any]], list[np.ndarray]],
     overrides: Mapping[str, Any] | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
 ):
@@ -96,21 +104,12 @@ def make_server_app(
         ``initial_parameters(config)`` returns the initial global parameters as a list of
         arrays (same order as the client's ``get_parameters``).
     overrides : mapping, optional
-        Defaults for the run config (``run_simulation`` passes an empty run config).
+        Defaults for the run config, above :data:`DEFAULTS` (``run_simulation`` passes an empty
+        run config).
     on_round : callable, optional
         Called after every round with ``{"round", "results", "failures", "parameters"}``:
         the securely aggregated parameters and how many clients were in / out.
-    config_fn : callable, optional
-        Turns the merged run config into the app's config (e.g. ``task.run_config`` to
-        validate and coerce KidneyScan's keys).
     """
-    from flwr.app import Context
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server import LegacyContext, ServerApp, ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.strategy import FedAvg
-    from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-    from flwr.serverapp import Grid
 
     class DeadlineClientManager(SimpleClientManager):
         """Legacy client manager that gives up after ``node-timeout`` instead of 24 h."""
@@ -162,7 +161,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config = dict(smoke.DEFAULTS) | DEFAULTS | dict(overrides or {}) | dict(context.run_config)
+        config = DEFAULTS | dict(overrides or {}) | dict(context.run_config)
         min_clients = int(config["min-clients"])
         node_timeout = float(config["node-timeout"])
         guarded = NodeDeadlineGrid(grid, min_clients, node_timeout)
@@ -204,150 +203,13 @@ def _last_line(text: str) -> str:
     return (lines[-1] if lines else text)[:200]
 
 
-def make_client_app(
-    client_fn: Callable[[Any], Any] | None = None,
-    overrides: Mapping[str, Any] | None = None,
-):
-    """Build a SecAgg+ ClientApp: ``client_fn(context) -> NumPyClient`` behind ``secaggplus_mod``.
+def make_client_app(client_fn: Callable[[Any], Any]) -> ClientApp:
+    """Build a SecAgg+ ClientApp: ``client_fn(context)`` returns a ``NumPyClient``.
 
-    Without ``client_fn`` the smoke client of :mod:`kidneyscan.federated.smoke` is used.
+    Every message passes ``secaggplus_mod``, which masks the client's update.
     """
-    from flwr.client import ClientApp
-    from flwr.client.mod import secaggplus_mod
-
-    fn = client_fn or (lambda context: SmokeNumPyClient(context, overrides))
 
     def build(context: Any) -> Any:
-        return fn(context).to_client()
+        return client_fn(context).to_client()
 
     return ClientApp(client_fn=build, mods=[secaggplus_mod])
-
-
-def _numpy_client_base() -> type:
-    from flwr.client import NumPyClient
-
-    return NumPyClient
-
-
-class SmokeNumPyClient(_numpy_client_base()):  # type: ignore[misc]
-    """The smoke app's softmax regression as a legacy ``NumPyClient`` (for SecAgg+)."""
-
-    def __init__(self, context: Any, overrides: Mapping[str, Any] | None = None) -> None:
-        self.config = smoke.merged_config(context.run_config, overrides)
-        self.partition_id = int(context.node_config.get("partition-id", 0))
-
-    def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:
-        """Initial parameters (only used when the server has none)."""
-        return list(smoke.initial_weights().values())
-
-    def fit(
-        self, parameters: list[np.ndarray], config: Mapping[str, Any]
-    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Train locally; only parameters, the example count and the loss go back."""
-        server_round = int(config.get("server-round", 0))
-        return local_update(parameters, self.partition_id, self.config, server_round)
-
-
-def local_update(
-    parameters: list[np.ndarray],
-    partition_id: int,
-    config: Mapping[str, Any],
-    server_round: int = 0,
-) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-    """One hospital's smoke update, deterministic in (parameters, partition, config).
-
-    Tests recompute it to get the plain-FedAvg reference for the SecAgg+ aggregate. The fault
-    drill ``fail-partition`` raises in every round, or only in ``fail-round`` when that is > 0.
-    """
-    fail_round = int(config.get("fail-round", 0))
-    if partition_id == int(config.get("fail-partition", -1)) and fail_round in (0, server_round):
-        raise RuntimeError(
-            f"fault drill: partition {partition_id} fails during training in round {server_round}"
-        )
-    x, labels = smoke.synthetic_partition(partition_id, seed=int(config.get("seed", 0)))
-    weights = dict(zip(("weight", "bias"), parameters, strict=True))
-    new, loss = smoke.local_train(
-        weights, x, labels, int(config.get("local-epochs", 5)), float(config.get("lr", 0.5))
-    )
-    return [new["weight"], new["bias"]], len(labels), {"train-loss": loss}
-
-
-class KidneyScanNumPyClient(_numpy_client_base()):  # type: ignore[misc]
-    """One hospital training the KidneyScan model for SecAgg+ (legacy ``NumPyClient``).
-
-    Same data, model and local training as the Message-API ClientApp
-    (:mod:`kidneyscan.federated.task`); only the trainable tensors travel, masked.
-    """
-
-    def __init__(self, context: Any) -> None:
-        from kidneyscan.federated import task
-
-        self.task = task
-        self.cfg = task.run_config(_kidneyscan_keys(context.run_config))
-        self.node_config = dict(context.node_config)
-
-    def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:
-        """Trainable tensors of the seeded initial model."""
-        return list(self.task.get_trainable(self.task.build_model(self.cfg)))
-
-    def fit(
-        self, parameters: list[np.ndarray], config: Mapping[str, Any]
-    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Train locally on this hospital's images; return tensors, example count, loss."""
-        task, cfg = self.task, self.cfg
-        model = task.build_model(cfg)
-        task.set_trainable(model, parameters)
-        samples = task.load_client_samples(cfg, self.node_config)
-        train, _ = task.split_local(samples, float(cfg["local-val-fraction"]), int(cfg["seed"]))
-        server_round = int(config.get("server-round", 1))
-        stats = task.train_local(model, train, cfg, server_round=server_round)
-        arrays = list(task.get_trainable(model))
-        limit = float(cfg.get("secagg-clipping-range", 8.0))
-        peak = max(float(np.abs(a).max()) for a in arrays if a.size)
-        if peak > limit:
-            # SecAgg+ clips silently; say so, because the aggregate would be wrong.
-            LOGGER.warning(
-                "a parameter reaches %.2f, beyond secagg-clipping-range %.1f: it will be clipped",
-                peak,
-                limit,
-            )
-        return arrays, int(stats["num-examples"]), {"train-loss": float(stats["loss"])}
-
-
-def _kidneyscan_keys(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    # Keys of this module and of the smoke client are not KidneyScan training settings.
-    skip = set(DEFAULTS) | {"fail-partition", "fail-round", "slow-partition", "slow-seconds"}
-    return {k: v for k, v in run_config.items() if k not in skip}
-
-
-def _kidneyscan_initial(config: Mapping[str, Any]) -> list[np.ndarray]:
-    from kidneyscan.federated import task
-
-    cfg = task.run_config(_kidneyscan_keys(config))
-    return list(task.get_trainable(task.build_model(cfg)))
-
-
-def make_kidneyscan_apps(
-    overrides: Mapping[str, Any] | None = None,
-    on_round: Callable[[dict[str, Any]], None] | None = None,
-):
-    """ServerApp and ClientApp training the KidneyScan model with SecAgg+.
-
-    The run config is KidneyScan's (``task.DEFAULTS``: model, partition-file, ...) plus the
-    SecAgg+ keys of this module. The server writes no checkpoint: it holds only the masked sum
-    of each round (``on_round`` receives the aggregate).
-    """
-    server = make_server_app(_kidneyscan_initial, overrides=overrides, on_round=on_round)
-    client = make_client_app(client_fn=KidneyScanNumPyClient)
-    return server, client
-
-
-#: Components for a ``flwr run`` app directory: the smoke model, to check SecAgg+ on a
-#: deployment in seconds ...
-server_app = make_server_app()
-client_app = make_client_app()
-#: ... and the KidneyScan model.
-# Two plain assignments: Flower's app validation looks the names up statically.
-_KIDNEYSCAN_APPS = make_kidneyscan_apps()
-kidneyscan_server_app = _KIDNEYSCAN_APPS[0]
-kidneyscan_client_app = _KIDNEYSCAN_APPS[1]

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from kidneyscan.data.datasets import CLASSES, Sample
 from kidneyscan.federated import task
+from kidneyscan.federated.grid import NodeDeadlineGrid
 from kidneyscan.federated.strategies import RecordingStrategy, build_strategy
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def _guard_nodes(grid: Grid, cfg: Mapping[str, Any]) -> Grid:
     """Fail after ``node-timeout`` s with too few nodes instead of waiting forever (fedpriv)."""
-    from kidneyscan.federated.deploy import NodeDeadlineGrid
-
     return NodeDeadlineGrid(grid, int(cfg["min-clients"]), float(cfg.get("node-timeout", 300.0)))
 
 

@@ -5,7 +5,9 @@ images), so one ClientApp process starts in about a second and a round on a real
 a few seconds instead of the ~18 s a torch app needs on two cores. It goes through exactly the
 same deployment, privacy and fault-handling code as the KidneyScan app:
 :func:`kidneyscan.federated.privacy.wrap_strategy`, :func:`~kidneyscan.federated.privacy.
-client_mods` and :class:`kidneyscan.federated.deploy.NodeDeadlineGrid`.
+client_mods` and :class:`kidneyscan.federated.grid.NodeDeadlineGrid`. It is test scaffolding
+(the deployment tests, fault drills and ``deploy --smoke`` use it), kept in the package because
+every SuperNode imports it from the installed ``kidneyscan``.
 
 Run config (kebab-case, all optional): ``num-server-rounds`` (2), ``min-clients`` (2),
 ``node-timeout`` (s a round may wait for enough nodes, 60), ``round-timeout`` (s a round waits
@@ -25,11 +27,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 from kidneyscan.federated import privacy
-from kidneyscan.federated.deploy import NodeDeadlineGrid, NodesUnavailableError
+from kidneyscan.federated.grid import NodeDeadlineGrid, NodesUnavailableError
 
-LOGGER = logging.getLogger("kidneyscan.federated.smoke")
+LOGGER = logging.getLogger(__name__)
 
 NUM_FEATURES = 16
 NUM_CLASSES = 4
@@ -121,9 +135,6 @@ def accuracy(weights: Mapping[str, np.ndarray], x: np.ndarray, labels: np.ndarra
 
 def make_client_app(overrides: Mapping[str, Any] | None = None):
     """Build the ClientApp; ``overrides`` replace defaults (``run_simulation`` has none)."""
-    from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
-    from flwr.clientapp import ClientApp
-
     app = ClientApp()
     # Python callers (run_simulation) pass the DP mode in ``overrides``; deployed runs carry it
     # in the run config, which ``privacy.dp_mod`` reads per message.
@@ -162,10 +173,6 @@ def make_client_app(overrides: Mapping[str, Any] | None = None):
 
 def make_server_app(overrides: Mapping[str, Any] | None = None):
     """Build the ServerApp: FedAvg (+ DP + budget), node deadline, per-round log and JSON."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.serverapp.strategy import FedAvg
-
     app = ServerApp()
 
     class LoggingFedAvg(FedAvg):
