@@ -148,7 +148,7 @@ def _png_bomb(side: int = 8192) -> bytes:
 
 
 def _dicom(**changes: Any) -> Any:
-    from kidneyscan.data.dicom import make_ct_dataset
+    from kidneyscan.testing.dicom import make_ct_dataset
 
     rng = np.random.default_rng(0)
     ds = make_ct_dataset(rng.normal(40, 20, (128, 128)))
@@ -158,7 +158,7 @@ def _dicom(**changes: Any) -> Any:
 
 
 def _dicom_bytes(ds: Any) -> bytes:
-    from kidneyscan.data.dicom import dataset_to_bytes
+    from kidneyscan.testing.dicom import dataset_to_bytes
 
     return bytes(dataset_to_bytes(ds))
 

@@ -231,10 +231,10 @@ def test_real_ct_kidney_sample_is_read_through_its_csv(real_data: Path) -> None:
 
 def test_csv_paths_match_class_folders_of_other_case_and_dicom_files_load(tmp_path: Path) -> None:
     # Prepare: folder written as CYST/ while the csv says Cyst/...; a DICOM slice in Normal/
-    from kidneyscan.data import dicom
+    from kidneyscan.testing.dicom import make_ct_dataset
 
     _write_jpeg(tmp_path / "CYST" / "Cyst- (1).jpg", 100)
-    ds = dicom.make_ct_dataset(np.full((16, 16), 40.0))  # 40 HU: mid-grey in the abdomen window
+    ds = make_ct_dataset(np.full((16, 16), 40.0))  # 40 HU: mid-grey in the abdomen window
     (tmp_path / "Normal").mkdir()
     ds.save_as(tmp_path / "Normal" / "Normal- (2).dcm", enforce_file_format=True)
     _write_csv(

@@ -16,6 +16,7 @@ from pydicom.uid import JPEG2000Lossless
 
 from kidneyscan.data import dicom
 from kidneyscan.data.datasets import DataError, load_image
+from kidneyscan.testing.dicom import dataset_to_bytes, make_ct_dataset
 
 PHI = {
     "PatientName": "Doe^Jane",
@@ -33,10 +34,10 @@ def _hu_ramp(size: int = 64) -> np.ndarray:
 
 
 def _ct_bytes(hu: np.ndarray | None = None, *, compress: bool = False, **extra: object) -> bytes:
-    ds = dicom.make_ct_dataset(_hu_ramp() if hu is None else hu, extra={**PHI, **extra})
+    ds = make_ct_dataset(_hu_ramp() if hu is None else hu, extra={**PHI, **extra})
     if compress:
         ds.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
-    return dicom.dataset_to_bytes(ds)
+    return dataset_to_bytes(ds)
 
 
 def test_ct_small_to_hu_applies_rescale_slope_and_intercept() -> None:
@@ -151,31 +152,31 @@ def test_load_dicom_bytes_meta_never_contains_patient_data(
 
 
 def _mr_bytes() -> bytes:
-    ds = dicom.make_ct_dataset(_hu_ramp(), extra=PHI)
+    ds = make_ct_dataset(_hu_ramp(), extra=PHI)
     ds.Modality = "MR"
-    return dicom.dataset_to_bytes(ds)
+    return dataset_to_bytes(ds)
 
 
 def _rgb_bytes() -> bytes:
-    ds = dicom.make_ct_dataset(_hu_ramp(), extra=PHI)
+    ds = make_ct_dataset(_hu_ramp(), extra=PHI)
     ds.PhotometricInterpretation = "RGB"
-    return dicom.dataset_to_bytes(ds)
+    return dataset_to_bytes(ds)
 
 
 def _no_pixels_bytes() -> bytes:
-    ds = dicom.make_ct_dataset(_hu_ramp(), extra=PHI)
+    ds = make_ct_dataset(_hu_ramp(), extra=PHI)
     del ds.PixelData
-    return dicom.dataset_to_bytes(ds)
+    return dataset_to_bytes(ds)
 
 
 def _nested_bytes(depth: int) -> bytes:
-    ds = dicom.make_ct_dataset(_hu_ramp(), extra=PHI)
+    ds = make_ct_dataset(_hu_ramp(), extra=PHI)
     current: Dataset = ds
     for _ in range(depth):
         item = Dataset()
         current.ReferencedImageSequence = Sequence([item])
         current = item
-    return dicom.dataset_to_bytes(ds)
+    return dataset_to_bytes(ds)
 
 
 @pytest.mark.parametrize(
@@ -225,7 +226,7 @@ def _write_series(folder: Path, zs: list[float], *, positions: bool = True) -> N
     series = pydicom.uid.generate_uid()
     for i, z in enumerate(zs):
         # Slice value encodes its z so the order is checkable after windowing.
-        ds = dicom.make_ct_dataset(
+        ds = make_ct_dataset(
             np.full((16, 16), z * 10.0),
             position_z=z,
             instance_number=int(z),
@@ -253,7 +254,7 @@ def test_series_is_sorted_along_the_patient_axis(tmp_path: Path, positions: bool
 
 def test_series_of_mixed_series_is_rejected(tmp_path: Path) -> None:
     _write_series(tmp_path, [1.0, 2.0])
-    other = dicom.make_ct_dataset(np.zeros((16, 16)))
+    other = make_ct_dataset(np.zeros((16, 16)))
     other.save_as(tmp_path / "other.dcm", enforce_file_format=True)
     with pytest.raises(DataError, match="2 different series"):
         dicom.load_dicom_series(tmp_path)
@@ -269,7 +270,7 @@ def test_deidentify_removes_phi_everywhere_and_keeps_series_together() -> None:
     # Prepare: PHI at top level, inside a sequence, and in a private tag
     series = pydicom.uid.generate_uid()
     slices = [
-        dicom.make_ct_dataset(_hu_ramp(16), series_uid=series, extra=PHI, position_z=z)
+        make_ct_dataset(_hu_ramp(16), series_uid=series, extra=PHI, position_z=z)
         for z in (0.0, 1.0)
     ]
     for ds in slices:
@@ -284,7 +285,7 @@ def test_deidentify_removes_phi_everywhere_and_keeps_series_together() -> None:
     original_sop = slices[0].SOPInstanceUID
     # Execute
     cleaned = [dicom.deidentify(ds) for ds in slices]
-    raw = [dicom.dataset_to_bytes(ds) for ds in cleaned]
+    raw = [dataset_to_bytes(ds) for ds in cleaned]
     # Assert
     for data in raw:
         for value in PHI.values():
@@ -305,12 +306,12 @@ def test_invalid_patient_values_are_not_echoed_to_warnings_logs_or_errors(
     # bad bytes after writing, because pydicom refuses to create the bad value itself.
     import warnings
 
-    ds = dicom.make_ct_dataset(_hu_ramp())
+    ds = make_ct_dataset(_hu_ramp())
     ds.PatientWeight = "12345678"
     ds.PatientName = "A" * 70 + "SECRETNAME"  # longer than PN allows
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = dicom.dataset_to_bytes(ds).replace(b"12345678", b"SECRET-W")
+        data = dataset_to_bytes(ds).replace(b"12345678", b"SECRET-W")
     caplog.clear()
     caplog.set_level(logging.DEBUG)
     # Strict reading (as another part of a process may set) turns a bad DS into a ValueError
@@ -320,7 +321,7 @@ def test_invalid_patient_values_are_not_echoed_to_warnings_logs_or_errors(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         image, meta = dicom.load_dicom_bytes(data)
-        cleaned = dicom.dataset_to_bytes(dicom.deidentify(dicom.read_dicom(data)))
+        cleaned = dataset_to_bytes(dicom.deidentify(dicom.read_dicom(data)))
     # Assert
     echoed = caplog.text + " ".join(str(w.message) for w in caught) + json.dumps(meta)
     assert "SECRET" not in echoed

@@ -119,7 +119,7 @@ def test_served_tensor_equals_evaluation_tensor(app, tmp_path, kind):
     from kidneyscan.serve.inputs import decode_upload
 
     if kind == "dicom":
-        from kidneyscan.data.dicom import dataset_to_bytes, make_ct_dataset
+        from kidneyscan.testing.dicom import dataset_to_bytes, make_ct_dataset
 
         hu = ct_like(80).astype(np.float32) * 2 - 200
         data = dataset_to_bytes(make_ct_dataset(hu))

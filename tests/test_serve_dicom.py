@@ -32,7 +32,7 @@ def client(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _dicom(hu: np.ndarray | None = None, **extra: object):
-    from kidneyscan.data.dicom import make_ct_dataset
+    from kidneyscan.testing.dicom import make_ct_dataset
 
     if hu is None:
         hu = ct_like(80).astype(np.float32) * 2 - 200
@@ -40,7 +40,7 @@ def _dicom(hu: np.ndarray | None = None, **extra: object):
 
 
 def _bytes(ds) -> bytes:
-    from kidneyscan.data.dicom import dataset_to_bytes
+    from kidneyscan.testing.dicom import dataset_to_bytes
 
     return dataset_to_bytes(ds)
 

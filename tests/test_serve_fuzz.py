@@ -10,7 +10,7 @@ from kidneyscan.serve import ServeConfig, create_app
 
 
 def _seeds() -> list[bytes]:
-    from kidneyscan.data.dicom import dataset_to_bytes, make_ct_dataset
+    from kidneyscan.testing.dicom import dataset_to_bytes, make_ct_dataset
 
     dicom = dataset_to_bytes(make_ct_dataset(ct_like(48).astype(np.float32) * 2 - 200))
     return [encode(ct_like(48)), encode(ct_like(48), "JPEG", quality=85), dicom]

@@ -30,6 +30,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from kidneyscan.data.dicom import load_dicom_image
+from kidneyscan.data.errors import DataError  # re-exported: most callers import it from here
+
 log = logging.getLogger(__name__)
 
 #: Class names in the order of the CT-KIDNEY ``target`` codes (Cyst 0, Normal 1, Stone 2, Tumor 3).
@@ -41,10 +44,6 @@ CSV_NAME = "kidneyData.csv"
 METADATA_NAMES: tuple[str, ...] = ("phantom_metadata.csv",)
 
 _INDEX_RE = re.compile(r"\((\d+)\)")
-
-
-class DataError(ValueError):
-    """A data file or folder is unusable; the message names the path and the reason."""
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,6 @@ def load_image(path: str | Path) -> np.ndarray:
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     if p.suffix.lower() == ".dcm" or _is_dicom(p):
-        from kidneyscan.data.dicom import load_dicom_image
-
         return load_dicom_image(p)
     try:
         with Image.open(p) as im:

@@ -8,24 +8,37 @@ pydicom's modality LUT) and applying a display window.
 Reading is defensive because DICOM comes from users of the web service: the header is read first
 without pixels (``stop_before_pixels``) and checked (modality, photometric interpretation, image
 size, sequence nesting depth) before any pixel data is decoded; every failure is a
-:class:`~kidneyscan.data.datasets.DataError` naming the source and the reason. Patient data never
+:class:`~kidneyscan.data.errors.DataError` naming the source and the reason. Patient data never
 enters a message or the metadata returned by :func:`load_dicom_bytes`.
+
+Windows (:class:`~kidneyscan.data.windows.Window`, :data:`~kidneyscan.data.windows.WINDOWS`)
+and de-identification (:func:`~kidneyscan.data.deid.deidentify`) live in their own modules and
+are re-exported here; valid test slices are built by :mod:`kidneyscan.testing.dicom`.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 from struct import error as struct_error
 from typing import Any
 
 import numpy as np
+import pydicom
 from pydicom import config as _pydicom_config
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut
 
-from kidneyscan.data.datasets import DataError
+from kidneyscan.data.deid import (
+    PHI_KEYWORDS,
+    UID_KEYWORDS,
+    deidentify,
+    sequence_elements,
+)
+from kidneyscan.data.errors import DataError
+from kidneyscan.data.windows import WINDOWS, Window
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +48,6 @@ log = logging.getLogger(__name__)
 # for the process (writing validation, used only when building test files, is untouched).
 _pydicom_config.settings.reading_validation_mode = _pydicom_config.IGNORE
 
-#: Named display windows as ``(width, level)`` in HU.
-#: ``abdomen`` is the soft-tissue window the public CT-KIDNEY JPEGs are shown in; ``bone`` the
-#: usual bone window; ``stone`` is centred between enhancing parenchyma (<= ~200 HU) and calcium
-#: stones (200-1500 HU) so that stones stay separable from contrast-enhanced kidney and only the
-#: densest calcium oxalate stones saturate, while fat and soft tissue stay visible at the dark end.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "abdomen": (400.0, 40.0),
-    "bone": (1800.0, 400.0),
-    "stone": (1200.0, 300.0),
-}
 #: Pseudo-window name: use the window stored in the file (WindowWidth / WindowCenter).
 FILE_WINDOW = "file"
 
@@ -52,91 +55,6 @@ SUPPORTED_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
 MAX_SEQUENCE_DEPTH = 8
 MAX_PIXELS = 4096 * 4096
 MAX_BYTES = 64 * 1024 * 1024
-
-#: Attributes removed by :func:`deidentify` (a subset of the DICOM PS3.15 basic profile that
-#: covers every identifying attribute pydicom's and common CT test files carry).
-PHI_KEYWORDS: tuple[str, ...] = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientBirthName",
-    "PatientMotherBirthName",
-    "PatientAddress",
-    "PatientTelephoneNumbers",
-    "PatientAge",
-    "PatientSex",
-    "PatientSize",
-    "PatientWeight",
-    "EthnicGroup",
-    "Occupation",
-    "MilitaryRank",
-    "BranchOfService",
-    "MedicalRecordLocator",
-    "AdditionalPatientHistory",
-    "PatientComments",
-    "PatientInsurancePlanCodeSequence",
-    "AccessionNumber",
-    "StudyID",
-    "StudyDate",
-    "SeriesDate",
-    "AcquisitionDate",
-    "ContentDate",
-    "InstanceCreationDate",
-    "StudyTime",
-    "SeriesTime",
-    "AcquisitionTime",
-    "ContentTime",
-    "InstanceCreationTime",
-    "AcquisitionDateTime",
-    "InstitutionName",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "InstitutionCodeSequence",
-    "ReferringPhysicianName",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianTelephoneNumbers",
-    "PerformingPhysicianName",
-    "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy",
-    "RequestingPhysician",
-    "OperatorsName",
-    "StationName",
-    "DeviceSerialNumber",
-    "RequestAttributesSequence",
-    "StudyDescription",
-    "SeriesDescription",
-    "RequestedProcedureDescription",
-    "PerformedProcedureStepDescription",
-    "PerformedProcedureStepID",
-    "ScheduledProcedureStepID",
-    "ImageComments",
-    "FrameComments",
-)
-#: UIDs replaced by :func:`deidentify` with a stable hash, so slices of one series stay together.
-UID_KEYWORDS: tuple[str, ...] = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "SOPInstanceUID",
-    "FrameOfReferenceUID",
-)
-
-
-@dataclass(frozen=True)
-class Window:
-    """A display window in HU: ``width`` and ``level`` (centre), with the name it came from."""
-
-    width: float
-    level: float
-    name: str = "custom"
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form, used in :func:`load_dicom_bytes` metadata."""
-        return {"name": self.name, "width": self.width, "level": self.level}
 
 
 def resolve_window(
@@ -166,8 +84,7 @@ def resolve_window(
         if key == FILE_WINDOW:
             win = _file_window(ds, source)
         elif key in WINDOWS:
-            width, level = WINDOWS[key]
-            win = Window(width, level, key)
+            win = WINDOWS[key]
         else:
             names = ", ".join([*WINDOWS, FILE_WINDOW])
             raise DataError(f"{source}: unknown window {window!r}; expected one of {names}")
@@ -216,33 +133,7 @@ def apply_window(
         float32 array of ``hu``'s shape: 0 at ``level - width / 2`` and below, 1 at
         ``level + width / 2`` and above.
     """
-    win = resolve_window(window, None, source="apply_window")
-    lo = win.level - win.width / 2.0
-    out = (np.asarray(hu, dtype=np.float32) - np.float32(lo)) / np.float32(win.width)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
-
-
-def _element_vr(elem: Any) -> str | None:
-    """VR of a raw or converted element without converting its value."""
-    from pydicom.datadict import dictionary_VR
-
-    if elem.VR:
-        return str(elem.VR)
-    try:  # implicit VR: the dictionary knows standard tags; unknown/private ones stay opaque
-        return str(dictionary_VR(elem.tag))
-    except KeyError:
-        return None
-
-
-def _sequences(ds: Any) -> Iterator[Any]:
-    """The sequence elements of ``ds`` (one level), converting nothing else.
-
-    Iterating a dataset converts every value, and pydicom's conversion errors and warnings
-    quote the value, which for patient attributes is patient data: only sequences are touched.
-    """
-    for raw in ds.elements():
-        if _element_vr(raw) == "SQ":
-            yield ds[raw.tag]
+    return resolve_window(window, None, source="apply_window").apply(hu)
 
 
 def _check_depth(ds: Any, source: str, limit: int, depth: int = 0) -> None:
@@ -251,7 +142,7 @@ def _check_depth(ds: Any, source: str, limit: int, depth: int = 0) -> None:
     pydicom parses sequence items lazily, so walking level by level and stopping at the limit
     never parses (or recurses into) the excess levels of a hostile file.
     """
-    for elem in _sequences(ds):
+    for elem in sequence_elements(ds):
         if depth + 1 > limit:
             raise DataError(f"{source}: sequences nested deeper than {limit} levels")
         for item in elem.value:
@@ -265,17 +156,12 @@ def _safe_reason(exc: BaseException) -> str:
     structure; conversion errors (``ValueError: could not convert string to float: '...'``)
     quote the value, so for those only the type is kept.
     """
-    from pydicom.errors import InvalidDicomError
-
     if isinstance(exc, InvalidDicomError | EOFError | struct_error):
         return f"{type(exc).__name__}: {exc}"
     return type(exc).__name__
 
 
 def _dcmread(fh: io.BufferedIOBase | io.BytesIO, *, stop_before_pixels: bool, source: str) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
     try:
         return pydicom.dcmread(fh, stop_before_pixels=stop_before_pixels)
     except InvalidDicomError as exc:
@@ -422,8 +308,6 @@ def to_hu(ds: Any) -> np.ndarray:
     np.ndarray
         float32 ``(H, W)`` array of HU.
     """
-    from pydicom.pixels import apply_modality_lut
-
     arr = ds.pixel_array
     return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
 
@@ -579,102 +463,23 @@ def load_dicom_series(
     return np.stack(images).astype(np.float32, copy=False), [slices[i][0] for i in order]
 
 
-def deidentify(ds: Any, *, salt: str = "kidneyscan") -> Any:
-    """Remove patient-identifying data from a dataset, in place, and return it.
-
-    Deletes the attributes of :data:`PHI_KEYWORDS` at every nesting level, removes private
-    tags, replaces the UIDs of :data:`UID_KEYWORDS` with stable hashed ones (slices of one series
-    keep a common series UID) and marks the dataset ``PatientIdentityRemoved = "YES"``.
-    """
-    from pydicom.uid import generate_uid
-
-    phi = set(PHI_KEYWORDS)
-
-    def scrub(d: Any) -> None:
-        # Deleting by keyword and walking only sequences never converts (or quotes) a value.
-        for keyword in phi:
-            if keyword in d:
-                delattr(d, keyword)
-        # keys(), not iteration: iterating a Dataset yields converted elements
-        for tag in [t for t in d.keys() if t.is_private]:  # noqa: SIM118
-            del d[tag]
-        for elem in list(_sequences(d)):
-            for item in elem.value:
-                scrub(item)
-
-    scrub(ds)
-    for keyword in UID_KEYWORDS:
-        if keyword in ds:
-            new = generate_uid(entropy_srcs=[salt, str(ds.data_element(keyword).value)])
-            setattr(ds, keyword, new)
-    meta = getattr(ds, "file_meta", None)
-    if meta is not None and "SOPInstanceUID" in ds:
-        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.PatientIdentityRemoved = "YES"
-    ds.DeidentificationMethod = "kidneyscan.deidentify: PS3.15 basic profile subset"
-    return ds
-
-
-def make_ct_dataset(
-    hu: np.ndarray,
-    *,
-    pixel_spacing: tuple[float, float] = (0.7, 0.7),
-    slice_thickness: float = 5.0,
-    position_z: float = 0.0,
-    instance_number: int = 1,
-    series_uid: str | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> Any:
-    """Build a minimal valid CT slice dataset from a HU array (for tests, demos, exports).
-
-    Stored values are ``HU + 1024`` as uint16 with RescaleIntercept -1024, the common scanner
-    convention. ``extra`` sets further attributes by keyword (e.g. ``PatientName`` in tests).
-
-    Returns
-    -------
-    pydicom.dataset.FileDataset
-        Explicit VR little endian, ready for ``save_as`` or :meth:`Dataset.compress`.
-    """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-
-    hu = np.asarray(hu)
-    if hu.ndim != 2:
-        raise DataError(f"make_ct_dataset: expected a 2-D HU array, got shape {hu.shape}")
-    stored = np.clip(np.rint(hu) + 1024, 0, 65535).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality = "CT"
-    ds.InstanceNumber = instance_number
-    ds.ImagePositionPatient = [0.0, 0.0, float(position_z)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [float(pixel_spacing[0]), float(pixel_spacing[1])]
-    ds.SliceThickness = float(slice_thickness)
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.RescaleIntercept = -1024
-    ds.RescaleSlope = 1
-    ds.PixelData = stored.tobytes()
-    for key, value in (extra or {}).items():
-        setattr(ds, key, value)
-    return ds
-
-
-def dataset_to_bytes(ds: Any) -> bytes:
-    """Serialise a dataset to DICOM file bytes (with preamble and ``DICM`` magic)."""
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+__all__ = [
+    "FILE_WINDOW",
+    "MAX_BYTES",
+    "MAX_PIXELS",
+    "MAX_SEQUENCE_DEPTH",
+    "PHI_KEYWORDS",
+    "SUPPORTED_PHOTOMETRIC",
+    "UID_KEYWORDS",
+    "WINDOWS",
+    "Window",
+    "apply_window",
+    "deidentify",
+    "load_dicom_bytes",
+    "load_dicom_image",
+    "load_dicom_series",
+    "read_dicom",
+    "resolve_window",
+    "safe_metadata",
+    "to_hu",
+]

@@ -16,19 +16,17 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage import exposure, filters
 
+from kidneyscan.data.windows import WINDOWS, Window
 from kidneyscan.preprocess._checks import as_image, odd_size, positive
 from kidneyscan.preprocess.pipeline import register_step
 
-#: Named CT windows as (level, width) in HU.
-WINDOWS: dict[str, tuple[float, float]] = {
-    "abdomen": (40.0, 400.0),
-    "soft_tissue": (50.0, 350.0),
-    "kidney": (60.0, 250.0),
-    "bone": (400.0, 1800.0),
-}
 
-
-def _window(window: str | Sequence[float]) -> tuple[float, float]:
+def _window(window: str | Sequence[float] | Window) -> Window:
+    # Pairs stay ``(level, width)`` here: saved preprocessing steps (checkpoint metadata) and
+    # callers pass them in that order; a Window object says which number is which.
+    if isinstance(window, Window):
+        positive(window.width, name="window width")
+        return window
     if isinstance(window, str):
         if window not in WINDOWS:
             raise ValueError(f"unknown CT window {window!r}; known: {', '.join(WINDOWS)}")
@@ -37,10 +35,10 @@ def _window(window: str | Sequence[float]) -> tuple[float, float]:
     if len(vals) != 2:
         raise ValueError(f"a CT window is (level, width), got {window!r}")
     positive(vals[1], name="window width")
-    return vals[0], vals[1]
+    return Window(width=vals[1], level=vals[0])
 
 
-def window_ct(hu: np.ndarray, *, window: str | Sequence[float] = "abdomen") -> np.ndarray:
+def window_ct(hu: np.ndarray, *, window: str | Sequence[float] | Window = "abdomen") -> np.ndarray:
     """Map Hounsfield units to [0, 1] through a CT window.
 
     Parameters
@@ -48,8 +46,9 @@ def window_ct(hu: np.ndarray, *, window: str | Sequence[float] = "abdomen") -> n
     hu
         (H, W) array of Hounsfield units (any real dtype, e.g. int16 from DICOM).
     window
-        A name from :data:`WINDOWS` or ``(level, width)`` in HU. Values below
-        ``level - width/2`` map to 0, above ``level + width/2`` to 1.
+        A name from :data:`WINDOWS`, a :class:`~kidneyscan.data.windows.Window`, or
+        ``(level, width)`` in HU. Values below ``level - width/2`` map to 0, above
+        ``level + width/2`` to 1.
 
     Returns
     -------
@@ -59,17 +58,15 @@ def window_ct(hu: np.ndarray, *, window: str | Sequence[float] = "abdomen") -> n
     arr = np.asarray(hu)
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"hu must be a 2-D numeric array, got shape {arr.shape} {arr.dtype}")
-    level, width = _window(window)
-    out = (arr.astype(np.float32) - (level - width / 2.0)) / width
-    return np.clip(out, 0.0, 1.0).astype(np.float32)
+    return _window(window).apply(arr)
 
 
 @register_step("window")
 def rewindow(
     image: np.ndarray,
     *,
-    window: str | Sequence[float] = "kidney",
-    source: str | Sequence[float] = "abdomen",
+    window: str | Sequence[float] | Window = "kidney",
+    source: str | Sequence[float] | Window = "abdomen",
 ) -> np.ndarray:
     """Re-window an already windowed [0, 1] image (e.g. a CT-KIDNEY JPEG) to another CT window.
 
@@ -82,11 +79,12 @@ def rewindow(
     image
         float32 (H, W) in [0, 1].
     window, source
-        Names from :data:`WINDOWS` or ``(level, width)`` in HU.
+        Names from :data:`WINDOWS`, :class:`~kidneyscan.data.windows.Window` objects or
+        ``(level, width)`` in HU.
     """
     img = as_image(image)
-    s_level, s_width = _window(source)
-    hu = img * s_width + (s_level - s_width / 2.0)
+    src = _window(source)
+    hu = img * src.width + src.low
     return window_ct(hu, window=window)
 
 
