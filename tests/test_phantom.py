@@ -13,6 +13,9 @@ from scipy import ndimage
 
 from kidneyscan.data import phantom as ph
 from kidneyscan.data.datasets import CLASSES, load_image, scan_dataset
+from kidneyscan.data.phantom.canvas import Canvas
+from kidneyscan.data.phantom.lesions import _draw_stone
+from kidneyscan.data.phantom.writer import _balanced_counts, _plan
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
@@ -149,13 +152,13 @@ def test_masks_and_lesion_hu_are_consistent(class_name: str) -> None:
 
 def test_small_stone_gets_partial_volume_large_stone_full_hu() -> None:
     # Prepare: the same 3 mm stone rendered at 512 px (0.74 mm pixels) and 64 px (6 mm)
-    canvas = {n: ph._Canvas(n, 380.0) for n in (512, 64)}
+    canvas = {n: Canvas(n, 380.0) for n in (512, 64)}
     peaks = {}
     for n, cv in canvas.items():
         cv.hu[:] = 0.0
         mask = np.zeros((n, n), np.uint8)
         # Execute
-        ph._draw_stone(cv, 10.0, -5.0, 1.5, 1000.0, mask)
+        _draw_stone(cv, 10.0, -5.0, 1.5, 1000.0, mask)
         peaks[n] = float(cv.hu.max())
         # Assert: the stone's HU x area is conserved (to the sub-sampling error)
         area_mm2 = float(cv.hu.sum()) / 1000.0 * cv.px_mm**2
@@ -197,7 +200,7 @@ def test_confounders_in_every_class_and_contrast_not_tied_to_class(tmp_path: Pat
 
 def test_slice_level_and_width_are_stratified_per_site_and_class() -> None:
     # slice level (a strong grey-level driver) and patient width must not drift by class
-    plan = ph._plan(400, seed=0, sites=ph.make_sites(3, seed=0))
+    plan = _plan(400, seed=0, sites=ph.make_sites(3, seed=0))
     for jobs in plan.values():
         for site in range(3):
             cell = [j for j in jobs if j.site == site]
@@ -208,7 +211,7 @@ def test_slice_level_and_width_are_stratified_per_site_and_class() -> None:
 
 def test_site_class_mix_differs_but_total_is_balanced() -> None:
     sites = ph.make_sites(3, seed=0)
-    counts = ph._balanced_counts(400, sites)
+    counts = _balanced_counts(400, sites)
     assert counts.sum() == 400 and list(counts.sum(axis=0)) == [100] * 4
     mix = counts / counts.sum(axis=1, keepdims=True)
     assert np.abs(mix - 0.25).max() > 0.05  # non-IID: some site is far from uniform
