@@ -11,12 +11,15 @@ import math
 import time
 from typing import Any
 
+import cv2
 import numpy as np
 from flask import Blueprint, Response, current_app, g, jsonify, request
 
-from kidneyscan.serve.app import DISCLAIMER, error_response, get_state, guard_request
+from kidneyscan.explain.gradcam import colorize_heatmap, overlay_heatmap, png_bytes
 from kidneyscan.serve.inputs import DecodedImage, InputError, decode_upload
+from kidneyscan.serve.openapi import build_openapi
 from kidneyscan.serve.predictor import BANDS, Predictor
+from kidneyscan.serve.state import DISCLAIMER, error_response, get_state, guard_request
 
 api_bp = Blueprint("api", __name__, url_prefix="/api/v1")
 compat_bp = Blueprint("compat", __name__)
@@ -253,8 +256,6 @@ def _analyse(explain: bool) -> Response:
 
 def _slice_preview(image: np.ndarray) -> tuple[np.ndarray, float]:
     """The uploaded slice shrunk to at most :data:`SLICE_PREVIEW_SIDE` px, and the scale used."""
-    import cv2
-
     h, w = image.shape
     scale = min(1.0, SLICE_PREVIEW_SIDE / max(h, w))
     if scale < 1.0:
@@ -271,8 +272,6 @@ def _explanation(
     target: int,
     alpha: float,
 ) -> dict[str, Any]:
-    from kidneyscan.explain.gradcam import colorize_heatmap, overlay_heatmap, png_bytes
-
     exp = predictor.explain(resized, tensor, target)
     preview, scale = _slice_preview(original)
 
@@ -349,8 +348,6 @@ def model_card() -> Response:
 @api_bp.get("/openapi.json")
 def openapi() -> Response:
     """OpenAPI 3.1 description of this API."""
-    from kidneyscan.serve.openapi import build_openapi
-
     state = get_state(current_app)
     classes = list(state.predictor.classes) if state.predictor else []
     return jsonify(build_openapi(classes, state.config))

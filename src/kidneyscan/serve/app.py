@@ -14,25 +14,30 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from flask import Flask, Request, Response, g, jsonify, request
+import torch
+from flask import Flask, Request, Response, g, request
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
+from kidneyscan.serve.api import api_bp, compat_bp, health_bp
 from kidneyscan.serve.config import ServeConfig
 from kidneyscan.serve.inputs import InputError
 from kidneyscan.serve.predictor import Predictor
-from kidneyscan.serve.security import RateLimiter, token_ok
+from kidneyscan.serve.security import RateLimiter
+from kidneyscan.serve.state import (  # re-exported: callers and tests import them from here
+    DISCLAIMER,
+    EXTENSION_KEY,
+    ServiceState,
+    error_response,
+    get_state,
+    guard_request,
+)
+from kidneyscan.serve.web import web_bp
 
 log = logging.getLogger("kidneyscan.serve")
-
-DISCLAIMER = (
-    "Research use only. KidneyScan is not a medical device and does not give a diagnosis; "
-    "every result must be reviewed by a qualified radiologist."
-)
-EXTENSION_KEY = "kidneyscan"
 
 
 class InMemoryRequest(Request):
@@ -51,29 +56,6 @@ class InMemoryRequest(Request):
         content_length: int | None = None,
     ) -> IO[bytes]:
         return io.BytesIO()
-
-
-@dataclass
-class ServiceState:
-    """What the views need: settings, the predictor once loaded, the rate limiter."""
-
-    config: ServeConfig
-    limiter: RateLimiter
-    predictor: Predictor | None = None
-    load_error: str | None = None
-
-
-def get_state(app: Flask) -> ServiceState:
-    """The :class:`ServiceState` of an app made by :func:`create_app`."""
-    state: ServiceState = app.extensions[EXTENSION_KEY]
-    return state
-
-
-def error_response(status: int, code: str, message: str) -> Response:
-    """The JSON error body every 4xx/5xx of the service uses."""
-    resp = jsonify({"error": {"status": status, "code": code, "message": message}})
-    resp.status_code = status
-    return resp
 
 
 def missing_checkpoint_message(path: Path) -> str:
@@ -133,14 +115,10 @@ def create_app(
     app.debug = False
     app.json.sort_keys = False  # type: ignore[attr-defined]
     if cfg.trusted_proxies:
-        from werkzeug.middleware.proxy_fix import ProxyFix
-
         app.wsgi_app = ProxyFix(  # type: ignore[method-assign]
             app.wsgi_app, x_for=cfg.trusted_proxies, x_proto=cfg.trusted_proxies
         )
     if cfg.torch_threads:
-        import torch
-
         torch.set_num_threads(cfg.torch_threads)
 
     state = ServiceState(cfg, RateLimiter(cfg.rate_limit, cfg.rate_window_s), predictor)
@@ -154,9 +132,6 @@ def create_app(
             _load(state)
             if state.predictor is None:
                 raise RuntimeError(f"could not load {cfg.checkpoint}: {state.load_error}")
-
-    from kidneyscan.serve.api import api_bp, compat_bp, health_bp
-    from kidneyscan.serve.web import web_bp
 
     for bp in (api_bp, compat_bp, health_bp, web_bp):
         app.register_blueprint(bp)
@@ -181,32 +156,6 @@ def _load(state: ServiceState) -> None:
     except Exception as exc:  # noqa: BLE001 - reported by /health/ready and the caller
         state.load_error = f"{type(exc).__name__}: {exc}"
         log.error("loading %s failed: %s", cfg.checkpoint, state.load_error)
-
-
-def guard_request() -> Response | None:
-    """Rate limit then bearer token, for API routes (``before_request`` of their blueprints)."""
-    from flask import current_app
-
-    state = get_state(current_app)
-    client = request.remote_addr or "unknown"
-    retry = state.limiter.hit(client)
-    if retry is not None:
-        resp = error_response(
-            429,
-            "too_many_requests",
-            f"rate limit of {state.config.rate_limit} requests per "
-            f"{state.config.rate_window_s:g} s exceeded; retry in {retry} s",
-        )
-        resp.headers["Retry-After"] = str(retry)
-        return resp
-    token = state.config.api_token
-    if token and not token_ok(request.headers.get("Authorization"), token):
-        resp = error_response(
-            401, "unauthorized", "missing or wrong token: send 'Authorization: Bearer <token>'"
-        )
-        resp.headers["WWW-Authenticate"] = 'Bearer realm="kidneyscan"'
-        return resp
-    return None
 
 
 def _register_errors(app: Flask) -> None:
@@ -276,3 +225,16 @@ def _register_hooks(app: Flask) -> None:
             err,
         )
         return resp
+
+
+__all__ = [
+    "DISCLAIMER",
+    "EXTENSION_KEY",
+    "InMemoryRequest",
+    "ServiceState",
+    "create_app",
+    "error_response",
+    "get_state",
+    "guard_request",
+    "missing_checkpoint_message",
+]

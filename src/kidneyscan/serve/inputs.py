@@ -13,6 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from kidneyscan.data import dicom
+from kidneyscan.data.datasets import image_to_float
+from kidneyscan.data.errors import DataError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -156,10 +161,6 @@ def _check_size(width: int, height: int, label: str, max_pixels: int) -> None:
 
 
 def _decode_raster(data: bytes, kind: str, label: str, max_pixels: int) -> DecodedImage:
-    from PIL import Image
-
-    from kidneyscan.data.datasets import image_to_float
-
     fmt = "PNG" if kind == "png" else "JPEG"
     try:
         # ``formats`` keeps PIL to the sniffed decoder; ``open`` reads only the header.
@@ -205,9 +206,6 @@ def _is_colour(im: Any) -> bool:
 
 
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> DecodedImage:
-    from kidneyscan.data import dicom
-    from kidneyscan.data.datasets import DataError
-
     try:
         # read_dicom checks the header (size, modality, nesting depth) before decoding pixels.
         ds = dicom.read_dicom(data, max_pixels=max_pixels, max_bytes=len(data), source=label)

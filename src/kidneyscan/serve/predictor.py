@@ -24,6 +24,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from kidneyscan.explain.gradcam import find_target_layers, gradcam_heatmap
+from kidneyscan.models.checkpoint import load_checkpoint
+from kidneyscan.models.factory import gradcam_reshape_transform
 from kidneyscan.preprocess.pipeline import Preprocessor
 
 #: Confidence bands: (lower bound, name, words shown to the user), highest first.
@@ -204,8 +207,6 @@ class Predictor:
         warmup: bool = True,
     ) -> Predictor:
         """Load a checkpoint folder (weights verified against their SHA-256) and warm up."""
-        from kidneyscan.models.checkpoint import load_checkpoint
-
         path = Path(ckpt_dir)
         model, meta = load_checkpoint(path)
         engine = make_backend(backend, model, meta, path)
@@ -333,9 +334,6 @@ class Predictor:
 
     def explain(self, resized: np.ndarray, tensor: torch.Tensor, target_index: int) -> Explanation:
         """Grad-CAM heatmap of a prepared image for class ``target_index`` (torch model)."""
-        from kidneyscan.explain.gradcam import find_target_layers, gradcam_heatmap
-        from kidneyscan.models.factory import gradcam_reshape_transform
-
         t0 = time.perf_counter()
         with self._lock:
             if self._target_layers is None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flask import Blueprint, current_app, render_template
 
-from kidneyscan.serve.app import DISCLAIMER, get_state
 from kidneyscan.serve.predictor import BANDS
+from kidneyscan.serve.state import DISCLAIMER, get_state
 
 web_bp = Blueprint("web", __name__)
 
