@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import track
+from sklearn.metrics import adjusted_rand_score
 
 from kidneyscan.data.datasets import CLASSES, DataError, Sample, load_image, scan_dataset
 from kidneyscan.data.splits import (
@@ -104,8 +106,6 @@ def _pair_distances(hashes: np.ndarray, samples: Sequence[Sample], max_gap: int)
 
 
 def _agreement(blocks: np.ndarray, ph: np.ndarray, near_pairs: np.ndarray) -> dict[str, Any]:
-    from sklearn.metrics import adjusted_rand_score
-
     same_block = blocks[near_pairs[:, 0]] == blocks[near_pairs[:, 1]] if len(near_pairs) else []
     block_pairs = sum(int(c) * (int(c) - 1) // 2 for c in np.bincount(blocks))
     # Pairs in one block that pHash also puts in one cluster.
@@ -122,8 +122,6 @@ def _agreement(blocks: np.ndarray, ph: np.ndarray, near_pairs: np.ndarray) -> di
 
 def _vs_patients(samples: Sequence[Sample], groupings: dict[str, np.ndarray]) -> dict[str, Any]:
     """How well each grouping recovers the true patients (synthetic data only)."""
-    from sklearn.metrics import adjusted_rand_score
-
     patients = np.array([f"{s.label}:{s.patient_id}" for s in samples])
     out = {}
     for name, g in groupings.items():
@@ -240,8 +238,6 @@ def audit_dataset(
     sizes: dict[str, int] = defaultdict(int)
     items: Sequence[tuple[int, Sample]] | Any = list(enumerate(samples))
     if progress:
-        from rich.progress import track
-
         items = track(items, description="reading images", total=n, transient=True)
     for i, s in items:
         try:
@@ -482,6 +478,8 @@ def to_markdown(report: dict[str, Any], *, command: str | None = None) -> str:
 
 def plot_distances(report: dict[str, Any], path: str | Path) -> Path:
     """Histogram of pHash distances per kind of pair, with the near-duplicate threshold."""
+    # Imported here: selecting the Agg backend must happen when a figure is drawn, not as a
+    # side effect of importing the data layer (a notebook keeps its own backend).
     import matplotlib
 
     matplotlib.use("Agg")

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+from rich.progress import track
 
 from kidneyscan.data.datasets import CLASSES, DataError, Sample, load_image, scan_dataset
 
@@ -67,8 +69,6 @@ def _select(samples: list[Sample], max_per_class: int | None, seed: int) -> list
 
 def _montage(images: list[np.ndarray], tile: int, cols: int) -> np.ndarray:
     """Grid of images resized to ``tile`` px (uint8); empty cells stay black."""
-    import cv2
-
     rows = max(1, -(-len(images) // cols))
     grid = np.zeros((rows * tile, cols * tile), np.uint8)
     for i, img in enumerate(images):
@@ -129,6 +129,8 @@ def run_eda(
     DataError
         If the folder is not a readable dataset (the message names the path).
     """
+    # Imported here: selecting the Agg backend must happen when a figure is drawn, not as a
+    # side effect of importing the data layer (a notebook keeps its own backend).
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,8 +160,6 @@ def run_eda(
     montage_imgs: dict[str, list[np.ndarray]] = {c: [] for c in CLASSES}
     iterator: Any = chosen
     if progress:
-        from rich.progress import track
-
         iterator = track(chosen, description="eda")
     for s in iterator:
         img = load_image(s.path)
@@ -211,8 +211,6 @@ def run_eda(
     fig.suptitle("Per-image statistics by class (a class that differs here is a shortcut risk)")
     fig.tight_layout()
     files.append(_save(fig, out / "image_stats.png"))
-
-    import cv2
 
     cols = int(np.ceil(np.sqrt(montage_size)))
     for c in CLASSES:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+from kidneyscan.data.augment import build_augmentation
 from kidneyscan.data.datasets import CLASSES, DataError, Sample, load_image
 from kidneyscan.preprocess.pipeline import Preprocessor
 
@@ -136,8 +137,6 @@ def make_loader(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     transform = None
     if train and augment:
-        from kidneyscan.data.augment import build_augmentation
-
         transform = build_augmentation()
     ds = ImageDataset(samples, preprocessor, transform, cache=cache)
     gen = torch.Generator().manual_seed(int(seed))

@@ -12,7 +12,6 @@ training, so ``kidneyscan evaluate`` and ``kidneyscan serve`` use it unchanged.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import time
@@ -23,11 +22,16 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from safetensors.numpy import load_file, save_file
 
-from kidneyscan.data.datasets import CLASSES, Sample
-from kidneyscan.federated import task
+from kidneyscan.data.datasets import CLASSES, Sample, scan_dataset
+from kidneyscan.data.partition import load_partition
+from kidneyscan.evaluation.metrics import bootstrap_ci, classification_metrics, macro_f1
+from kidneyscan.evaluation.report import write_report
+from kidneyscan.federated import privacy, task
 from kidneyscan.federated.grid import NodeDeadlineGrid
 from kidneyscan.federated.strategies import RecordingStrategy, build_strategy
+from kidneyscan.models.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +55,21 @@ def _guard_nodes(grid: Grid, cfg: Mapping[str, Any]) -> Grid:
 
 
 def _wrap_privacy(strategy: Any, cfg: Mapping[str, Any]) -> Any:
-    """DP wrapper + accountant from ``kidneyscan.federated.privacy`` when that module exists."""
-    try:
-        # Owned by the privacy area; optional so both halves can be merged in any order.
-        privacy: Any = importlib.import_module("kidneyscan.federated.privacy")
-    except ImportError:
-        if str(cfg.get("dp", "none")).lower() != "none":
-            raise task.FederatedConfigError(
-                f"dp={cfg['dp']} requested but kidneyscan.federated.privacy is not installed"
-            ) from None
-        return strategy
+    """DP wrapper + accountant from :func:`kidneyscan.federated.privacy.wrap_strategy`."""
     return privacy.wrap_strategy(strategy, cfg)
 
 
 def _load_test(cfg: Mapping[str, Any]) -> list[Sample]:
     """Server-side held-out test images: ``test-file`` (simulation) or ``test-dir`` (deployment)."""
     if cfg.get("test-file"):
-        from kidneyscan.data.partition import load_partition
-
         return load_partition(str(cfg["test-file"]))[0]
     if cfg.get("test-dir"):
-        from kidneyscan.data.datasets import scan_dataset
-
         return scan_dataset(str(cfg["test-dir"]))
     log.warning("no test-file / test-dir in the run config: no server-side evaluation")
     return []
 
 
 def _save_state(state_dir: Path, named: Mapping[str, np.ndarray], state: Mapping[str, Any]) -> None:
-    from safetensors.numpy import save_file
-
     state_dir.mkdir(parents=True, exist_ok=True)
     # Write-then-rename so a run killed mid-write never leaves a half file to resume from.
     tmp = state_dir / (GLOBAL_FILE + ".tmp")
@@ -93,8 +82,6 @@ def _save_state(state_dir: Path, named: Mapping[str, np.ndarray], state: Mapping
 
 def load_state(out_dir: str | Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """The last global trainable tensors and run state of ``out_dir``, or ``None`` if absent."""
-    from safetensors.numpy import load_file
-
     state_dir = Path(out_dir) / STATE_DIR
     if not (state_dir / STATE_FILE).is_file() or not (state_dir / GLOBAL_FILE).is_file():
         return None
@@ -293,8 +280,6 @@ def _metadata(
 def _full_test_metrics(
     model: Any, cfg: Mapping[str, Any], test: list[Sample]
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    from kidneyscan.evaluation.metrics import bootstrap_ci, classification_metrics, macro_f1
-
     _, probs, labels = task.evaluate_model(model, test, cfg)
     metrics = dict(classification_metrics(labels, probs, list(CLASSES)))
     lo, hi = bootstrap_ci(labels, probs, macro_f1, n=1000, seed=0)
@@ -333,13 +318,12 @@ def _notes(out: Path, state: Mapping[str, Any]) -> list[str]:
 def _save_checkpoint(
     ckpt: Path, model: Any, cfg: Mapping[str, Any], row: Mapping[str, Any], test: list[Sample]
 ) -> None:
-    from kidneyscan.models.checkpoint import save_checkpoint
-
     metrics = {k: row[k] for k in row if str(k).startswith("test-")}
     save_checkpoint(ckpt, model, _metadata(cfg, row, metrics))
 
 
 def _write_curves(out: Path, history: list[dict[str, Any]]) -> None:
+    # Imported here: the Agg backend is selected when curves are drawn, not on import.
     import matplotlib
 
     matplotlib.use("Agg")
@@ -397,16 +381,9 @@ def _finish(out: Path, cfg: Mapping[str, Any], state: dict[str, Any], test: list
     (out / "federation.json").write_text(json.dumps(summary, indent=2, default=float))
     if not test or not (ckpt / "metadata.json").is_file():
         return
-    from kidneyscan.models.checkpoint import load_checkpoint
-
     model, meta = load_checkpoint(ckpt)
     metrics, probs, labels = _full_test_metrics(model, cfg, test)
     metrics["federated"] = json.loads(json.dumps(summary, default=float))
-    try:
-        from kidneyscan.evaluation.report import write_report
-    except ImportError:  # the engine's report module is optional for the federated core
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2, default=float))
-        return
     write_report(
         out,
         metrics,

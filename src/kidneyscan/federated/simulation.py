@@ -16,8 +16,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from kidneyscan.data.datasets import Sample
+from flwr.simulation import run_simulation
+
+from kidneyscan.data.datasets import Sample, scan_dataset
+from kidneyscan.data.partition import partition_samples, partition_summary, save_partitions
+from kidneyscan.data.phantom import generate_dataset
+from kidneyscan.data.splits import Split, make_split, save_split
 from kidneyscan.federated import task
+from kidneyscan.federated.client_app import app as client_app
+from kidneyscan.federated.server_app import app as server_app
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +37,6 @@ def split_test(
     Uses the leakage-aware :func:`kidneyscan.data.splits.make_split`: one patient's slices,
     neighbouring slices and near-duplicates stay on one side.
     """
-    from kidneyscan.data.splits import make_split
-
     if not 0.0 < test_fraction < 1.0:
         raise task.FederatedConfigError(f"test fraction must be in (0, 1), got {test_fraction}")
     parts = make_split(list(samples), val=0.0, test=test_fraction, seed=seed)
@@ -64,11 +69,9 @@ def prepare_run(
         ``num-clients``,
         plus ``summary`` (per-client counts) for display.
     """
-    from kidneyscan.data.partition import partition_samples, partition_summary, save_partitions
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    from kidneyscan.data.splits import Split, save_split
 
     pool, test, split = split_test(samples, test_fraction, seed)
     parts = partition_samples(
@@ -138,11 +141,6 @@ def simulate(
     dict
         The run's ``federation.json`` summary (rounds, best round, bytes, wall time).
     """
-    from flwr.simulation import run_simulation
-
-    from kidneyscan.federated.client_app import app as client_app
-    from kidneyscan.federated.server_app import app as server_app
-
     cfg = dict(config)
     out = Path(str(cfg["out-dir"])).resolve()
     cfg["out-dir"] = str(out)
@@ -221,9 +219,6 @@ def demo_federated(
     dict
         The ``federation.json`` summary.
     """
-    from kidneyscan.data.datasets import scan_dataset
-    from kidneyscan.data.phantom import generate_dataset
-
     out = Path(out_dir)
     data = out / "data"
     stamp = data / ".demo.json"
