@@ -1,4 +1,4 @@
-"""CLI: ``train``, ``evaluate``, ``ensemble``, ``compare`` and ``demo``.
+"""CLI: ``train``, ``evaluate``, ``distill``, ``ensemble``, ``compare`` and ``demo``.
 
 Thin adapters: parse options, call :mod:`kidneyscan.experiment`, print a summary. Heavy
 libraries are imported inside the commands so ``kidneyscan --help`` stays fast.
@@ -267,6 +267,65 @@ def evaluate(
     _print_metrics(metrics, f"{checkpoint} on {metrics['evaluated_split']} ({metrics['n']} images)")
     if out is not None:
         typer.echo(f"report: {out / 'report.md'}")
+
+
+@app.command()
+def distill(
+    teacher: Path = typer.Option(
+        ..., "--teacher", help="Teacher checkpoint folder, e.g. runs/default/checkpoint."
+    ),
+    data: Path = typer.Option(..., "--data", help="Dataset folder the teacher was trained on."),
+    out: Path = typer.Option(..., "--out", help="Student run folder, e.g. runs/student."),
+    student: str = typer.Option(
+        "efficientnet_lite0", "--student", help="Student model (factory name)."
+    ),
+    alpha: float = typer.Option(
+        0.7, "--alpha", help="Weight of the teacher's probabilities in the target (vs labels)."
+    ),
+    split: Path | None = typer.Option(
+        None, "--split", help="Split CSV (default: the teacher's own split file)."
+    ),
+    epochs: int = typer.Option(15, "--epochs", help="Student epochs."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for CIs."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every epoch."),
+) -> None:
+    """Distil a checkpoint into a small student for laptops: the teacher's calibrated soft
+    labels on its training split, the same preprocessing, the same checkpoint format."""
+    _setup_logging(verbose)
+    _set_threads(threads)
+    from kidneyscan.config import ConfigError, TrainConfig
+    from kidneyscan.data.datasets import DataError
+    from kidneyscan.distill import distill as run_distill
+    from kidneyscan.models.checkpoint import CheckpointError
+
+    try:
+        tc = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, cache_images=True)
+        res = run_distill(
+            teacher,
+            data,
+            out,
+            student=student,
+            train=tc,
+            alpha=alpha,
+            split_file=split,
+            progress=progress,
+            n_bootstrap=bootstrap,
+        )
+    except (ConfigError, DataError, CheckpointError, ValueError, FileNotFoundError) as exc:
+        _fail(exc)
+        return
+    _print_metrics(res.metrics, f"student {student} on the teacher's test split")
+    t = res.teacher_metrics
+    typer.echo(
+        f"teacher macro-F1 {t['macro']['f1']:.3f} on the same images; "
+        f"top-1 agreement {res.agreement:.3f}"
+    )
+    typer.echo(f"report: {res.run_dir / 'report.md'}\ncheckpoint: {res.checkpoint_dir}")
 
 
 @app.command()
