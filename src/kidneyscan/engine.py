@@ -15,10 +15,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +26,34 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from imblearn.over_sampling import SMOTE
 from sklearn.metrics import f1_score
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from kidneyscan.config import TrainConfig
+from kidneyscan.optim import (  # re-exported: the engine is where callers look for them
+    class_weights,
+    make_loss,
+    make_optimizer,
+)
+
+__all__ = [
+    "FitResult",
+    "class_weights",
+    "embeddings",
+    "evaluate",
+    "fit",
+    "make_loss",
+    "make_optimizer",
+    "predict",
+    "proximal_pairs",
+    "set_seed",
+    "smote_refit_head",
+    "softmax",
+    "train_one_epoch",
+    "training_objective",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,98 +96,9 @@ def _prepare_input(x: torch.Tensor, device: torch.device, channels_last: bool) -
     return x
 
 
-def class_weights(class_counts: Sequence[int] | np.ndarray) -> torch.Tensor:
-    """Inverse-frequency weights ``n / (k * count)``; absent classes get weight 0.
-
-    Absent classes happen on federated clients with non-IID data; weight 0 keeps the loss
-    finite and such a class simply contributes nothing locally.
-    """
-    counts = np.asarray(class_counts, dtype=np.float64)
-    if counts.ndim != 1 or counts.size < 2:
-        raise ValueError(f"class_counts must be a 1-D sequence of >= 2 counts, got {counts}")
-    if (counts < 0).any():
-        raise ValueError(f"class_counts must be >= 0, got {counts.tolist()}")
-    present = counts > 0
-    if not present.any():
-        raise ValueError("class_counts are all zero")
-    w = np.zeros_like(counts)
-    w[present] = counts.sum() / (present.sum() * counts[present])
-    return torch.as_tensor(w, dtype=torch.float32)
-
-
-def make_loss(cfg: TrainConfig, class_counts: Sequence[int] | np.ndarray) -> nn.Module:
-    """Label-smoothed cross-entropy, class-weighted when ``cfg.class_weighting == "loss"``.
-
-    Parameters
-    ----------
-    cfg
-        Training recipe (``label_smoothing``, ``class_weighting``).
-    class_counts
-        Training samples per class (length = number of classes).
-    """
-    weight = class_weights(class_counts) if cfg.class_weighting == "loss" else None
-    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        # Biases, norm scales, position embeddings and tokens are not regularised (timm habit).
-        if p.ndim <= 1 or name.endswith(".bias") or "pos_embed" in name or "token" in name:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    groups = []
-    if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay})
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
-    if not groups:
-        raise ValueError("model has no trainable parameters")
-    return groups
-
-
-def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
-) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW over trainable parameters with a per-step linear warm-up + cosine schedule.
-
-    Parameters
-    ----------
-    model
-        The model; frozen parameters (``requires_grad=False``) are left out.
-    cfg
-        Recipe: ``lr``, ``weight_decay``, ``warmup_epochs``, ``epochs``.
-    steps_per_epoch
-        Optimiser steps per epoch (batches of the training loader).
-
-    Returns
-    -------
-    optimizer, scheduler
-        Call ``scheduler.step()`` after every ``optimizer.step()``.
-    """
-    if steps_per_epoch < 1:
-        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
 def _progress(iterable: Iterable[Any], enabled: bool, desc: str, total: int | None = None) -> Any:
     if not enabled:
         return iterable
-    from tqdm.auto import tqdm
-
     # The outer (epoch) bar stays; inner (batch) bars vanish when done.
     return tqdm(iterable, desc=desc, total=total, leave=desc == "epochs", dynamic_ncols=True)
 
@@ -220,7 +154,7 @@ def training_objective(
 
 def train_one_epoch(
     model: nn.Module,
-    loader: DataLoader,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
     optimizer: torch.optim.Optimizer,
     *,
     loss_fn: nn.Module,
@@ -240,7 +174,8 @@ def train_one_epoch(
         Classifier returning logits.
     loader
         Yields ``(x, y)`` batches; ``y`` holds class indices ``(B,)`` or class
-        distributions ``(B, K)`` (soft targets, e.g. a teacher's probabilities).
+        distributions ``(B, K)`` (soft targets, e.g. a teacher's probabilities). Any iterable
+        works: :func:`kidneyscan.export.fasttrain.train_epoch_cached` feeds cached features.
     optimizer
         Optimiser over the model's trainable parameters.
     loss_fn
@@ -271,7 +206,8 @@ def train_one_epoch(
     cl = _is_channels_last(model) if channels_last is None else channels_last
     model.train()
     total_loss, correct, n = 0.0, 0, 0
-    for x, y in _progress(loader, progress, "train", total=len(loader)):
+    total = len(loader) if isinstance(loader, Sized) else None
+    for x, y in _progress(loader, progress, "train", total=total):
         x = _prepare_input(x, device, cl)
         y = y.to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -596,8 +532,6 @@ def smote_refit_head(
         ``n_before``, ``n_after``, ``counts_before``, ``counts_after``, ``k_neighbors``,
         ``val_macro_f1_before``, ``val_macro_f1_after``, ``kept`` (or ``skipped`` with a reason).
     """
-    from imblearn.over_sampling import SMOTE
-
     head = _classifier_of(model)
     x, y = embeddings(model, train_loader, bf16=bool(cfg.bf16))
     counts = np.bincount(y, minlength=num_classes)

@@ -1,24 +1,24 @@
-"""In-memory cache of frozen-prefix features for federated clients, and its epoch loop.
+"""In-memory cache of frozen-prefix features for federated clients, and an epoch over it.
 
 :class:`~kidneyscan.models.frozen.FrozenSplit` cuts a partly frozen hybrid into a frozen prefix
 and a trainable tail. :class:`FeatureCache` computes the prefix output of every image of a
 client's partition once and reuses it in every later epoch (and round, while the frozen weights
 do not change), with optional feature-space augmentation (horizontal flip of the feature map,
 which commutes with the convolutional prefix up to padding effects, and small Gaussian noise).
-Central training caches on disk instead (:mod:`kidneyscan.features`).
+Central training caches on disk instead (:mod:`kidneyscan.features`). The epoch itself is
+:func:`kidneyscan.engine.train_one_epoch` on the split's tail: one epoch loop in the project.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from kidneyscan.engine import proximal_pairs, training_objective
+from kidneyscan.engine import train_one_epoch
 from kidneyscan.models.frozen import FrozenSplit, feature_augment
 
 __all__ = [
@@ -107,7 +107,7 @@ def train_epoch_cached(
     proximal_mu: float = 0.0,
     global_params: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """One epoch over cached features (trainable part only).
+    """One epoch over cached features (trainable part only), run by the engine's epoch loop.
 
     Parameters
     ----------
@@ -123,26 +123,23 @@ def train_epoch_cached(
     """
     if not cache.is_valid_for(split):
         raise ValueError("the frozen weights changed since the features were cached; rebuild it")
-    prox_pairs = proximal_pairs(split.model, proximal_mu, global_params)
-    split.model.train()
     gen = torch.Generator().manual_seed(seed)
-    total, correct, n = 0.0, 0, 0
-    for feats, y in cache.batches(batch_size, seed=seed):
-        feats = feature_augment(feats, flip_p=flip_p, noise_std=noise_std, generator=gen)
-        optimizer.zero_grad(set_to_none=True)
-        ctx: Any = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else _null()
-        with ctx:
-            logits = split.rest(feats)
-        loss = loss_fn(logits.float(), y)
-        training_objective(loss, prox_pairs, proximal_mu).backward()
-        optimizer.step()
-        total += float(loss.detach()) * len(y)
-        correct += int((logits.detach().argmax(1) == y).sum())
-        n += len(y)
-    return {"loss": total / n, "accuracy": correct / n, "n": float(n)}
-
-
-def _null() -> Any:
-    from contextlib import nullcontext
-
-    return nullcontext()
+    # Augmented lazily, batch by batch, so the generator is drawn in the same order as the
+    # cache's shuffled batches come.
+    batches = (
+        (feature_augment(feats, flip_p=flip_p, noise_std=noise_std, generator=gen), y)
+        for feats, y in cache.batches(batch_size, seed=seed)
+    )
+    # The tail shares (and lists, in order) every parameter of split.model, so the FedProx
+    # pairs and train() mode are those of the whole model; the cached features keep their
+    # layout (channels_last=False) as they always did.
+    return train_one_epoch(
+        split.tail,
+        batches,
+        optimizer,
+        loss_fn=loss_fn,
+        proximal_mu=proximal_mu,
+        global_params=global_params,
+        bf16=bf16,
+        channels_last=False,
+    )
