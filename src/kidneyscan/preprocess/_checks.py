@@ -40,6 +40,14 @@ def as_image(image: np.ndarray, *, name: str = "image") -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
+def clip_unit(out: np.ndarray) -> np.ndarray:
+    """A filter's result as float32 in [0, 1]: the output counterpart of :func:`as_image`.
+
+    NaN (a filter dividing 0 by 0) becomes 0; overshoot (ringing, subtraction) is clipped.
+    """
+    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32)
+
+
 def as_mask(mask: np.ndarray, *, name: str = "mask") -> np.ndarray:
     """Return ``mask`` as a 2-D bool array or raise a clear ``ValueError``."""
     arr = np.asarray(mask)

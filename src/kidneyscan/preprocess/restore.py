@@ -1,9 +1,11 @@
-"""Restoration: order-statistic and mean filters, Wiener, NLM, TV, BM3D, notch; ``restore_auto``.
+"""Restoration: order-statistic and mean filters, Wiener, NLM, TV, BM3D; ``restore_auto``.
 
 Functions take a float32 (H, W) image in [0, 1] and return float32 (H, W) in [0, 1]. Library
 filters are wrapped (SciPy, OpenCV, scikit-image, ``bm3d``); the classic mean-family filters
 (geometric, harmonic, contraharmonic, alpha-trimmed) and the adaptive median have no
-maintained implementation and are written here on top of SciPy's window filters.
+maintained implementation and are written here on top of SciPy's window filters. The
+frequency-domain filters for periodic noise (notch, fit-and-subtract) live in
+:mod:`kidneyscan.preprocess.periodic` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -15,16 +17,18 @@ import cv2
 import numpy as np
 from scipy import ndimage as ndi
 from scipy import signal
+from scipy.stats import norm
 from skimage import restoration
 
-from kidneyscan.preprocess._checks import as_image, odd_size, positive
-from kidneyscan.preprocess.pipeline import register_step
+from kidneyscan.preprocess._checks import as_image, clip_unit, odd_size, positive
+from kidneyscan.preprocess.periodic import (  # re-exported: restore is where callers look
+    find_periodic_peaks,
+    notch_filter,
+    subtract_periodic,
+)
+from kidneyscan.preprocess.pipeline import STEPS, register_step
 
 _EPS = 1e-4  # keeps log / reciprocal finite on black pixels
-
-
-def _done(out: np.ndarray) -> np.ndarray:
-    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32)
 
 
 def _box(image: np.ndarray, size: int) -> np.ndarray:
@@ -36,7 +40,7 @@ def mean_arithmetic(image: np.ndarray, *, size: int = 3) -> np.ndarray:
     """Arithmetic mean over a ``size`` x ``size`` window (OpenCV box filter)."""
     img = as_image(image)
     s = odd_size(size)
-    return _done(cv2.blur(img, (s, s), borderType=cv2.BORDER_REFLECT101))
+    return clip_unit(cv2.blur(img, (s, s), borderType=cv2.BORDER_REFLECT101))
 
 
 @register_step("mean_geometric")
@@ -44,7 +48,7 @@ def mean_geometric(image: np.ndarray, *, size: int = 3) -> np.ndarray:
     """Geometric mean ``exp(mean(log(x)))`` over a window; good on Gaussian, bad on pepper."""
     img = as_image(image)
     s = odd_size(size)
-    return _done(np.exp(_box(np.log(img + _EPS), s)) - _EPS)
+    return clip_unit(np.exp(_box(np.log(img + _EPS), s)) - _EPS)
 
 
 @register_step("mean_harmonic")
@@ -52,7 +56,7 @@ def mean_harmonic(image: np.ndarray, *, size: int = 3) -> np.ndarray:
     """Harmonic mean ``1 / mean(1/x)`` over a window; removes salt, fails on pepper."""
     img = as_image(image)
     s = odd_size(size)
-    return _done(1.0 / _box(1.0 / (img + _EPS), s) - _EPS)
+    return clip_unit(1.0 / _box(1.0 / (img + _EPS), s) - _EPS)
 
 
 @register_step("mean_contraharmonic")
@@ -64,14 +68,14 @@ def mean_contraharmonic(image: np.ndarray, *, size: int = 3, q: float = 1.5) -> 
     """
     img = as_image(image).astype(np.float64) + _EPS
     s = odd_size(size)
-    return _done(_box(img ** (q + 1), s) / _box(img**q, s) - _EPS)
+    return clip_unit(_box(img ** (q + 1), s) / _box(img**q, s) - _EPS)
 
 
 @register_step("median")
 def filter_median(image: np.ndarray, *, size: int = 3) -> np.ndarray:
     """Median filter over a ``size`` x ``size`` window (SciPy, reflect borders)."""
     img = as_image(image)
-    return _done(ndi.median_filter(img, size=odd_size(size), mode="reflect"))
+    return clip_unit(ndi.median_filter(img, size=odd_size(size), mode="reflect"))
 
 
 @register_step("median_adaptive")
@@ -99,7 +103,7 @@ def median_adaptive(image: np.ndarray, *, max_size: int = 7) -> np.ndarray:
             out[pending] = zmed[pending]
         if not pending.any():
             break
-    return _done(out)
+    return clip_unit(out)
 
 
 def impulse_mask(image: np.ndarray, *, threshold: float = 0.05) -> np.ndarray:
@@ -188,7 +192,7 @@ def _switch_once(img: np.ndarray, smax: int, threshold: float) -> np.ndarray:
         # Window full of impulses (very dense noise): the plain median is the best left.
         med = ndi.median_filter(img, size=smax, mode="reflect")
         out[todo[:, 0], todo[:, 1]] = med[todo[:, 0], todo[:, 1]]
-    return _done(out)
+    return clip_unit(out)
 
 
 @register_step("mean_alpha_trimmed")
@@ -207,7 +211,7 @@ def mean_alpha_trimmed(image: np.ndarray, *, size: int = 5, d: int = 6) -> np.nd
     padded = np.pad(img, r, mode="symmetric")  # = SciPy's "reflect", as the other filters
     windows = np.lib.stride_tricks.sliding_window_view(padded, (s, s)).reshape(*img.shape, n)
     part = np.sort(windows, axis=-1)[..., d // 2 : n - d // 2]
-    return _done(part.mean(axis=-1))
+    return clip_unit(part.mean(axis=-1))
 
 
 @register_step("wiener")
@@ -231,7 +235,7 @@ def filter_wiener(image: np.ndarray, *, size: int = 5, noise: float | None = Non
     # the right answer is the (constant) input itself.
     bad = ~np.isfinite(out)
     out[bad] = img[bad]
-    return _done(out)
+    return clip_unit(out)
 
 
 def estimate_sigma(image: np.ndarray) -> float:
@@ -272,7 +276,7 @@ def denoise_nlm(
         patch_distance=int(patch_distance),
         fast_mode=True,
     )
-    return _done(out)
+    return clip_unit(out)
 
 
 @register_step("tv")
@@ -286,7 +290,7 @@ def denoise_tv(image: np.ndarray, *, weight: float | None = None) -> np.ndarray:
     w = 1.2 * estimate_sigma(img) if weight is None else float(weight)
     if w <= 0:
         return img.copy()
-    return _done(restoration.denoise_tv_chambolle(img, weight=w))
+    return clip_unit(restoration.denoise_tv_chambolle(img, weight=w))
 
 
 @register_step("bm3d")
@@ -302,79 +306,7 @@ def denoise_bm3d(image: np.ndarray, *, sigma: float | None = None) -> np.ndarray
     sig = estimate_sigma(img) if sigma is None else float(sigma)
     if sig <= 0:
         return img.copy()
-    return _done(bm3d.bm3d(img.astype(np.float64), sigma_psd=sig))
-
-
-def find_periodic_peaks(
-    image: np.ndarray, *, ratio: float = 8.0, min_radius: int = 6, max_peaks: int = 8
-) -> list[tuple[int, int]]:
-    """Locate isolated spectral spikes (periodic interference) in the centred FFT magnitude.
-
-    A Hann window suppresses the border cross; a pixel counts as a spike when it is a local
-    maximum, at least ``min_radius`` frequency bins from DC and ``ratio`` times above the
-    median magnitude of its 15 x 15 neighbourhood. The default 8 is about twice the largest
-    ratio measured on noise-free phantom-like slices and on real CT-KIDNEY slices (<= 4.5).
-
-    Returns
-    -------
-    list of (row, col)
-        Offsets from the spectrum centre, one per conjugate pair (``row >= 0`` half-plane).
-    """
-    img = as_image(image).astype(np.float64)
-    win = np.outer(np.hanning(img.shape[0]), np.hanning(img.shape[1]))
-    mag = np.abs(np.fft.fftshift(np.fft.fft2((img - img.mean()) * win)))
-    background = ndi.median_filter(mag, size=15, mode="wrap") + 1e-12
-    local_max = mag == ndi.maximum_filter(mag, size=5, mode="wrap")
-    cy, cx = img.shape[0] // 2, img.shape[1] // 2
-    yy, xx = np.mgrid[0 : img.shape[0], 0 : img.shape[1]]
-    far = (yy - cy) ** 2 + (xx - cx) ** 2 >= min_radius**2
-    cand = np.argwhere(local_max & far & (mag / background > ratio))
-    order = np.argsort(-mag[cand[:, 0], cand[:, 1]])
-    peaks: list[tuple[int, int]] = []
-    for r, c in cand[order]:
-        dy, dx = int(r - cy), int(c - cx)
-        if dy < 0 or (dy == 0 and dx < 0):
-            dy, dx = -dy, -dx  # keep one representative of each conjugate pair
-        if (dy, dx) not in peaks:
-            peaks.append((dy, dx))
-        if len(peaks) >= max_peaks:
-            break
-    return peaks
-
-
-@register_step("notch")
-def notch_filter(
-    image: np.ndarray,
-    *,
-    peaks: list[tuple[int, int]] | list[list[int]] | None = None,
-    radius: float = 3.0,
-) -> np.ndarray:
-    """Gaussian notch-reject filter for periodic noise.
-
-    Parameters
-    ----------
-    peaks
-        Spike offsets ``(row, col)`` from the spectrum centre (their conjugates are notched
-        too); ``None`` detects them with :func:`find_periodic_peaks`. No spike -> the image
-        is returned unchanged.
-    radius
-        Gaussian notch standard deviation in frequency bins.
-    """
-    img = as_image(image)
-    positive(radius, name="radius")
-    found = find_periodic_peaks(img) if peaks is None else [tuple(p) for p in peaks]
-    if not found:
-        return img.copy()
-    h, w = img.shape
-    cy, cx = h // 2, w // 2
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    transfer = np.ones((h, w))
-    for dy, dx in found:
-        for sy, sx in ((dy, dx), (-dy, -dx)):
-            d2 = (yy - cy - sy) ** 2 + (xx - cx - sx) ** 2
-            transfer *= 1.0 - np.exp(-d2 / (2.0 * radius**2))
-    spec = np.fft.fftshift(np.fft.fft2(img.astype(np.float64)))
-    return _done(np.real(np.fft.ifft2(np.fft.ifftshift(spec * transfer))))
+    return clip_unit(bm3d.bm3d(img.astype(np.float64), sigma_psd=sig))
 
 
 def estimate_sigma_unclipped(image: np.ndarray) -> float:
@@ -430,8 +362,6 @@ def declip(image: np.ndarray, *, sigma: float) -> np.ndarray:
     sigma
         Standard deviation of the noise that was clipped.
     """
-    from scipy.stats import norm
-
     img = as_image(image)
     sig = positive(sigma, name="sigma")
     x = np.linspace(0.0, 1.0, 2049)
@@ -440,81 +370,7 @@ def declip(image: np.ndarray, *, sigma: float) -> np.ndarray:
         return np.asarray(t * norm.cdf(t / sig) + sig * norm.pdf(t / sig))
 
     f = g(x) - g(x - 1.0)  # clip(y, 0, 1) = max(0, y) - max(0, y - 1)
-    return _done(np.interp(img, f, x))
-
-
-def fit_periodic(image: np.ndarray, peaks: list[tuple[int, int]] | list[list[int]]) -> np.ndarray:
-    """Least-squares model of the sinusoids behind spectral ``peaks``, away from clipping.
-
-    Each spike's frequency is refined off the FFT grid (periodogram maximum, Nelder-Mead
-    from the bin), then amplitudes and phases of all sinusoids (and a constant) are fitted
-    jointly to the pixels far from any clipped one, where ``y = x + wave`` holds exactly.
-    Returns the fitted wave (float64, zero mean, same shape).
-    """
-    from scipy import optimize
-
-    img = as_image(image).astype(np.float64)
-    h, w = img.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    clipped = (img <= 1e-6) | (img >= 1 - 1e-6)
-    # Only pixels with no clipped pixel within 4 px: where the wave was cut off (air), the
-    # pixels that survive are those where it was positive, which would bias the fit.
-    ok = ~ndi.maximum_filter(clipped, size=9, mode="reflect")
-    if ok.sum() < 16 or not peaks:
-        return np.zeros(img.shape)
-    ys, xs, vals = yy[ok].astype(np.float64), xx[ok].astype(np.float64), img[ok]
-    vals = vals - vals.mean()
-
-    def power(f: np.ndarray) -> float:
-        ph = 2 * np.pi * (f[0] * ys + f[1] * xs)
-        return -float(np.abs(np.sum(vals * np.exp(-1j * ph))) ** 2)
-
-    freqs = []
-    for dy, dx in peaks:
-        f0 = np.array([dy / h, dx / w], dtype=np.float64)
-        res = optimize.minimize(
-            power,
-            f0,
-            method="Nelder-Mead",
-            options={
-                "xatol": 1e-6,
-                "fatol": 1e-9,
-                "initial_simplex": [f0, f0 + [0.5 / h, 0], f0 + [0, 0.5 / w]],
-            },
-        )
-        freqs.append(res.x)
-    cols = [np.ones_like(ys)]
-    for fy, fx in freqs:
-        ph = 2 * np.pi * (fy * ys + fx * xs)
-        cols += [np.cos(ph), np.sin(ph)]
-    coef, *_ = np.linalg.lstsq(np.stack(cols, 1), img[ok], rcond=None)
-    wave = np.zeros(img.shape)
-    for k, (fy, fx) in enumerate(freqs):
-        ph = 2 * np.pi * (fy * yy + fx * xx)
-        wave += coef[1 + 2 * k] * np.cos(ph) + coef[2 + 2 * k] * np.sin(ph)
-    return wave
-
-
-@register_step("periodic_subtract")
-def subtract_periodic(
-    image: np.ndarray, *, peaks: list[tuple[int, int]] | list[list[int]] | None = None
-) -> np.ndarray:
-    """Remove periodic interference by fitting and subtracting it (:func:`fit_periodic`).
-
-    Unlike the notch filter this removes the whole sinusoid, not a band of the spectrum, so
-    image detail at those frequencies survives; pixels clipped at 0 or 1 (black air, where
-    the interference was cut off) are left at 0 / 1, their most likely true value.
-    No spike (``peaks=None`` detects them with :func:`find_periodic_peaks`) -> unchanged.
-    """
-    img = as_image(image)
-    found = find_periodic_peaks(img) if peaks is None else [tuple(p) for p in peaks]
-    if not found:
-        return img.copy()
-    wave = fit_periodic(img, found)  # type: ignore[arg-type]
-    out = img.astype(np.float64) - wave
-    clipped = (img <= 1e-6) | (img >= 1 - 1e-6)
-    out[clipped] = img[clipped]
-    return _done(out)
+    return clip_unit(np.interp(img, f, x))
 
 
 @dataclass
@@ -615,8 +471,6 @@ def restore_auto(image: np.ndarray) -> np.ndarray:
     After removing impulse or periodic noise the remaining random noise is estimated again
     and, if present, removed with non-local means.
     """
-    from kidneyscan.preprocess.pipeline import STEPS
-
     img = as_image(image)
     est = estimate_noise(img)
     out = img
@@ -627,7 +481,7 @@ def restore_auto(image: np.ndarray) -> np.ndarray:
         rest = estimate_sigma(out)
         if rest >= 0.01:
             out = denoise_nlm(out, sigma=rest)
-    return _done(out)
+    return clip_unit(out)
 
 
 @register_step("denoise")
