@@ -172,6 +172,12 @@ def main() -> None:
         f"student={REPO / 'runs/student/checkpoint'}",
     ]
     ckpts = {p.split("=", 1)[0]: Path(p.split("=", 1)[1]) for p in pairs}
+    for name, path in list(ckpts.items()):
+        if not (path / "metadata.json").is_file():
+            print(f"skipping {name}: no checkpoint at {path} (train it first)", flush=True)
+            del ckpts[name]
+    if not ckpts:
+        sys.exit("no checkpoint to measure: run `kidneyscan train` / `kidneyscan distill` first")
     info = machine()
     results = {name: bench_checkpoint(path, args.data, args) for name, path in ckpts.items()}
     info["load_average_end"] = [round(x, 1) for x in os.getloadavg()]

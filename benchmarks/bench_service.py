@@ -5,6 +5,12 @@ vs ONNX Runtime backend; peak resident memory of the service and of one federate
 Usage::
 
     python benchmarks/bench_service.py [--size 224] [--requests 24] [--explain-requests 8]
+    python benchmarks/bench_service.py --checkpoint runs/default/checkpoint --concurrency 1 \
+        --backends torch onnx onnx-int8 --no-fed        # the trained default, one slice at a time
+
+Without ``--checkpoint`` the model is a randomly initialised hybrid (convnext_tiny); with it,
+a copy of that checkpoint is exported to ONNX (and, for ``onnx-int8``, quantized with the
+project's guard, calibrated on the training split of the checkpoint's own split file).
 
 Each server is ``kidneyscan serve`` in a subprocess (Flask threaded server, one worker) on a
 free port of 127.0.0.1, stopped by PID. The load is ``--concurrency`` threads each posting one
@@ -101,6 +107,27 @@ def make_checkpoint(out: Path, size: int) -> Path:
     return save_checkpoint(out, model, meta)
 
 
+def int8_from_training_split(ckpt: Path, export_dir: Path, meta: dict[str, Any]) -> None:
+    """Quantize the exported graph, calibrated on training-split images of the checkpoint's
+    split file and validated (the project's guard) on its test-split images."""
+    import shutil
+
+    from kidneyscan.data.splits import load_split
+    from kidneyscan.export.quantize import quantize_checkpoint
+
+    split = load_split(meta["split_file"], root=REAL_DATA)
+    folders = {}
+    for part in ("train", "test"):
+        folder = ckpt.parent / f"{part}_images"
+        for s in split[part]:
+            (folder / s.class_name).mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.path, folder / s.class_name / Path(s.path).name)
+        folders[part] = folder
+    quantize_checkpoint(
+        ckpt, export_dir, folders["train"], validation=folders["test"], validation_size=10_000
+    )
+
+
 def load_test(url: str, blobs: list[bytes], n: int, concurrency: int) -> dict[str, Any]:
     """``n`` POSTs by ``concurrency`` threads; requests/s, p50/p95 latency, status counts."""
 
@@ -139,8 +166,10 @@ def serve_and_load(
 ) -> dict[str, Any]:
     port = _free_port()
     env = dict(os.environ, KIDNEYSCAN_RATE_LIMIT="0", KIDNEYSCAN_TORCH_THREADS="1")
+    if backend.startswith("onnx"):
+        env["KIDNEYSCAN_ONNX_PRECISION"] = "int8" if backend == "onnx-int8" else "fp32"
     cmd = [sys.executable, "-m", "kidneyscan", "serve", "--checkpoint", str(ckpt),
-           "--port", str(port), "--backend", backend]  # fmt: skip
+           "--port", str(port), "--backend", backend.split("-")[0]]  # fmt: skip
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -199,7 +228,10 @@ def main() -> None:
     ap.add_argument("--explain-requests", type=int, default=8, help="Grad-CAM requests")
     ap.add_argument("--concurrency", type=int, default=4, help="client threads")
     ap.add_argument("--fed-images", type=int, default=32, help="images of the federated client")
-    ap.add_argument("--backends", nargs="+", default=["torch", "onnx"])
+    ap.add_argument("--backends", nargs="+", default=["torch", "onnx"],
+                    choices=["torch", "onnx", "onnx-int8"])  # fmt: skip
+    ap.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: random)")
+    ap.add_argument("--no-fed", action="store_true", help="skip the federated client's memory")
     args = ap.parse_args()
     if not REAL_DATA.is_dir():
         raise SystemExit(f"needs the real sample at {REAL_DATA}")
@@ -208,15 +240,31 @@ def main() -> None:
     blobs = [f.read_bytes() for f in files[:16]]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ks-bench-") as tmp:
-        ckpt = make_checkpoint(Path(tmp) / "checkpoint", args.size)
-        if "onnx" in args.backends:
-            from kidneyscan.export.onnx import export_checkpoint
+        if args.checkpoint is not None:
+            import shutil
+
+            ckpt = Path(shutil.copytree(args.checkpoint, Path(tmp) / "checkpoint"))
+        else:
+            ckpt = make_checkpoint(Path(tmp) / "checkpoint", args.size)
+        meta = json.loads((ckpt / "metadata.json").read_text())
+        if any(b.startswith("onnx") for b in args.backends):
+            from kidneyscan.export.onnx import default_out_dir, export_checkpoint
 
             export_checkpoint(ckpt)
+        if "onnx-int8" in args.backends:
+            int8_from_training_split(ckpt, default_out_dir(ckpt), meta)
         for b in args.backends:
             results[b] = serve_and_load(ckpt, b, blobs, args)
-    fed = fed_client_memory(args)
+    fed = None if args.no_fed else fed_client_memory(args)
     info["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
+    if args.checkpoint is not None:
+        h, w = meta["input_size"][1:]
+        model_desc = (
+            f"the checkpoint `{args.checkpoint}` ({meta['model']['name']}, "
+            f"{meta['model']['kwargs'].get('backbone', '')}, {h} x {w} px, trained weights)"
+        )
+    else:
+        model_desc = f"the hybrid (convnext_tiny, {args.size} px, random weights)"
     rows = []
     for b, r in results.items():
         for ep in ("predict", "explain"):
@@ -233,9 +281,8 @@ def main() -> None:
         "",
         machine_line(info) + f" Load average at end {info['load_average_end']}.",
         "",
-        f"`kidneyscan serve` (Flask threaded, 1 worker) with the hybrid (convnext_tiny, "
-        f"{args.size} px, random weights), real CT JPEGs (512 px) posted from "
-        f"{args.concurrency} threads on 127.0.0.1:",
+        f"`kidneyscan serve` (Flask threaded, 1 worker) with {model_desc}, real CT JPEGs "
+        f"(512 px) posted from {args.concurrency} thread(s) on 127.0.0.1:",
         "",
         md_table(
             [
@@ -259,13 +306,17 @@ def main() -> None:
                 [f"service ({b} backend, after the load)", r["peak_rss_mib"]]
                 for b, r in results.items()
             ]
-            + [
+            + (
                 [
-                    f"federated client (hybrid {args.size} px, one local epoch on "
-                    f"{fed['images']} images, batch 16)",
-                    round(fed["peak_rss_mib"], 1),
+                    [
+                        f"federated client (hybrid {args.size} px, one local epoch on "
+                        f"{fed['images']} images, batch 16)",
+                        round(fed["peak_rss_mib"], 1),
+                    ]
                 ]
-            ],
+                if fed is not None
+                else []
+            ),
         ),  # fmt: skip
         "",
         "Wall-clock rates and latencies depend on the CPU share the server got on the shared "

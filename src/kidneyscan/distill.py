@@ -22,6 +22,7 @@ like any other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -48,6 +49,7 @@ from kidneyscan.experiment import (
     training_data,
     write_predictions,
 )
+from kidneyscan.features import bf16_supported
 from kidneyscan.models.checkpoint import (
     WEIGHTS_FILE,
     load_checkpoint,
@@ -169,7 +171,8 @@ def distill(
     student_kwargs
         Extra factory arguments for the student.
     train
-        The student's training recipe (default: 15 epochs, lr 1e-3, images cached in memory).
+        The student's training recipe (default: 15 epochs, lr 1e-3, images cached in memory;
+        ``bf16=None`` means bf16 autocast where the CPU runs it natively).
     alpha
         Weight of the teacher's probabilities in the target (1: teacher only, 0: labels only).
     split_file
@@ -188,6 +191,10 @@ def distill(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tc = train or TrainConfig(epochs=15, lr=1e-3, cache_images=True)
+    if tc.bf16 is None:
+        # The student trains on pixels: bf16 autocast is ~2.5x faster per step where the CPU
+        # runs it natively (EfficientNet-Lite0's depthwise backward is slow in fp32).
+        tc = dataclasses.replace(tc, bf16=bf16_supported())
     set_seed(tc.seed)
     teacher, meta = load_checkpoint(teacher_dir)
     classes = tuple(meta["classes"])

@@ -289,6 +289,9 @@ def distill(
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate."),
     batch_size: int = typer.Option(32, "--batch-size", help="Mini-batch size."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
+    bf16: bool | None = typer.Option(
+        None, "--bf16/--no-bf16", help="bfloat16 autocast (default: where the CPU has it)."
+    ),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads."),
     bootstrap: int = typer.Option(1000, "--bootstrap", help="Bootstrap resamples for CIs."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bars."),
