@@ -11,6 +11,12 @@ from typer.testing import CliRunner
 
 from engine_helpers import write_easy_dataset
 from kidneyscan.cli import app
+from kidneyscan.data.loaders import make_loader
+from kidneyscan.engine import predict
+from kidneyscan.evaluation.calibration import nll
+from kidneyscan.experiment import split_samples
+from kidneyscan.models.checkpoint import load_checkpoint
+from kidneyscan.preprocess.pipeline import Preprocessor
 
 runner = CliRunner()
 
@@ -59,7 +65,9 @@ def hybrid_run(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.mark.slow
-def test_train_writes_run_folder(hybrid_run: Path) -> None:
+def test_train_writes_run_folder(hybrid_run: Path, data_dir: Path) -> None:
+    """Breaks if a promised file is missing, or if the stored temperature is not the one that
+    minimises the validation NLL of the saved model (fitted on other data, or not at all)."""
     # Assert: everything the docs promise is there.
     for name in (
         "config.yaml",
@@ -81,7 +89,16 @@ def test_train_writes_run_folder(hybrid_run: Path) -> None:
     assert meta["classes"] == ["Cyst", "Normal", "Stone", "Tumor"]
     assert meta["preprocessing"]["image_size"] == 64
     assert meta["input_size"] == [3, 64, 96]  # the kidney band (default first step) is 3:2
-    assert meta["temperature"] > 0
+    # The temperature minimises validation NLL: recompute the saved model's val logits.
+    model, _ = load_checkpoint(hybrid_run / "checkpoint")
+    parts, _ = split_samples(data_dir, "multiclass", meta["split_file"])
+    pre = Preprocessor.from_dict(meta["preprocessing"])
+    loader = make_loader(parts["val"], pre, train=False, batch_size=32)
+    val_logits, val_labels = predict(model, loader)
+    t = float(meta["temperature"])
+    assert nll(val_logits, val_labels, t) <= min(
+        nll(val_logits, val_labels, t * 0.8), nll(val_logits, val_labels, t * 1.25)
+    )
     assert meta["task"] == "multiclass"
     assert Path(meta["split_file"]).is_file()
     assert len(meta["weights_sha256"]) == 64

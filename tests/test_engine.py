@@ -153,16 +153,21 @@ def test_loader_shapes_and_eval_is_deterministic(samples: list, pre: Preprocesso
 
 
 def test_augmentation_only_when_training(samples: list, pre: Preprocessor) -> None:
+    """Breaks if eval loaders augment, if training loaders do not, or if a training loader
+    without ``augment`` changes pixels (then the difference below would not be augmentation).
+    """
     plain = make_loader(samples[:4], pre, train=False, batch_size=4, augment=True)
     aug = make_loader(samples[:4], pre, train=True, batch_size=4, augment=True, seed=1)
+    shuffled = make_loader(samples[:4], pre, train=True, batch_size=4, augment=False, seed=1)
     x_plain = next(iter(plain))[0]
     assert torch.equal(x_plain, next(iter(plain))[0])  # augment ignored when train=False
     torch.manual_seed(0)
     xa, ya = next(iter(aug))
-    order = [samples.index(s) for s in samples[:4]]
+    xs, _ = next(iter(shuffled))
     assert sorted(ya.tolist()) == sorted(s.label for s in samples[:4])
+    # Sorting over the batch axis removes the shuffle: only augmentation can differ.
+    assert torch.equal(xs.sort(0).values, x_plain.sort(0).values)
     assert not torch.allclose(xa.sort(0).values, x_plain.sort(0).values)
-    assert order == [0, 1, 2, 3]
 
 
 def test_augmentation_is_seeded(samples: list, pre: Preprocessor) -> None:
@@ -241,6 +246,10 @@ def test_optimizer_skips_frozen_parameters() -> None:
 
 # ---------------------------------------------------------------- one epoch / FedProx
 def test_train_one_epoch_returns_stats(samples: list, pre: Preprocessor) -> None:
+    """Breaks if the epoch's loss / accuracy are not the sample-weighted means over every
+    batch (e.g. the last batch's, or unweighted per batch), if accuracy counts another class
+    than the arg-max, or if the weights are not updated.
+    """
     set_seed(0)
     model = TinyNet()
     loader = make_loader(samples, pre, train=True, batch_size=16)
@@ -248,8 +257,25 @@ def test_train_one_epoch_returns_stats(samples: list, pre: Preprocessor) -> None
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_one_epoch(model, loader, opt, loss_fn=nn.CrossEntropyLoss(), scheduler=sched)
     assert stats["n"] == len(samples)
-    assert 0 <= stats["accuracy"] <= 1 and math.isfinite(stats["loss"])
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    # A head that always predicts the majority class of an imbalanced subset (12 + 3 + 3 + 3
+    # images, batches of 8, 8, 5), and a zero learning rate so nothing moves: the epoch's
+    # accuracy must be exactly 12/21 and its loss that of evaluate() on the same images.
+    major = samples[0].label
+    subset = [s for s in samples if s.label == major]
+    for label in sorted({s.label for s in samples} - {major}):
+        subset += [s for s in samples if s.label == label][:3]
+    with torch.no_grad():
+        model.fc.weight.zero_()
+        model.fc.bias.copy_(torch.full((4,), -1.0).index_fill_(0, torch.tensor([major]), 2.0))
+        model.fc.bias[(major + 1) % 4] = -3.0  # a unique minimum too, so argmin != argmax
+    frozen_opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    uneven = make_loader(subset, pre, train=True, batch_size=8)
+    got = train_one_epoch(model, uneven, frozen_opt, loss_fn=nn.CrossEntropyLoss())
+    want = evaluate(model, make_loader(subset, pre, train=False, batch_size=len(subset)))
+    assert got["n"] == want["n"] == len(subset) == 21
+    assert got["accuracy"] == pytest.approx(12 / 21, abs=1e-9)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
 def _distance_after_training(mu: float, samples: list, pre: Preprocessor) -> float:
@@ -345,15 +371,30 @@ def test_predict_returns_logits_in_order(samples: list, pre: Preprocessor) -> No
 
 
 def test_bf16_and_channels_last_run(samples: list, pre: Preprocessor) -> None:
+    """Breaks if ``bf16=True`` does not run the convolutions in bfloat16 autocast, or if
+    channels-last inputs are not fed (explicitly in training, by following the model's memory
+    format in prediction); the plain run must show float32 and NCHW, so either path is seen."""
     set_seed(0)
     model = TinyNet().to(memory_format=torch.channels_last)
     loader = make_loader(samples[:8], pre, train=True, batch_size=8)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    seen: list[tuple[bool, torch.dtype]] = []
+    layout: list[bool] = []
+    model.register_forward_pre_hook(
+        lambda _m, args: layout.append(args[0].is_contiguous(memory_format=torch.channels_last))
+    )
+    model.features[0].register_forward_hook(
+        lambda _m, _i, out: seen.append((layout[-1], out.dtype))
+    )
     stats = train_one_epoch(
         model, loader, opt, loss_fn=nn.CrossEntropyLoss(), bf16=True, channels_last=True
     )
     logits, _ = predict(model, loader, bf16=True)
     assert math.isfinite(stats["loss"]) and np.isfinite(logits).all()
+    assert seen == [(True, torch.bfloat16), (True, torch.bfloat16)]  # train batch, predict batch
+    seen.clear()
+    train_one_epoch(model, loader, opt, loss_fn=nn.CrossEntropyLoss(), channels_last=False)
+    assert seen == [(False, torch.float32)]
 
 
 def test_smote_refit_balances_embeddings(easy_dir: Path, pre: Preprocessor) -> None:

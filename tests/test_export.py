@@ -90,27 +90,56 @@ def test_quality_report_refuses_low_agreement_and_f1_drop():
 
 @pytest.mark.slow
 def test_int8_passes_guard_then_refuses_when_forced(exported, phantom_dir, monkeypatch):
+    """Breaks if the guard reports another agreement / macro-F1 change than fp32 torch vs the
+    int8 graph give on the held-out images, if thresholds set at the measured values refuse
+    (or, below 100 % agreement, one just above them passes), or if a forced broken graph
+    (rolled logits) is kept. On this tiny model int8 agrees 100 % with fp32, so the
+    measured thresholds are the strictest possible (agreement 1.0, no F1 drop)."""
     # Prepare
+    from sklearn.metrics import f1_score
+
     import kidneyscan.export.quantize as qz
     from kidneyscan.export.backend import OnnxBackend
-    from kidneyscan.export.onnx import read_properties, read_sidecar
+    from kidneyscan.export.onnx import make_session, read_properties, read_sidecar
+    from kidneyscan.models.checkpoint import load_checkpoint
 
     ckpt, onnx_path = exported
     folder = onnx_path.parent
     # Execute: a genuine int8 quantization, calibrated on phantom images. A random tiny
-    # network has nearly tied logits, so its int8 agreement is far from a trained model's:
-    # the thresholds are opened here; the guard's refusal is tested below and in
-    # test_quality_report_refuses_low_agreement_and_f1_drop.
+    # network has nearly tied logits, so its int8 agreement is far from a trained model's;
+    # the first run measures it, the next ones set the thresholds at and just above it.
     report = qz.quantize_checkpoint(
         ckpt, folder, phantom_dir, calibration_size=32, min_agreement=0.0, max_f1_drop=1.0
     )
     int8 = folder / "model.int8.onnx"
     backend = OnnxBackend(int8, CLASSES, precision="int8")
     logits = backend.logits(torch.zeros(3, 3, 64, 64))
-    # Assert
-    assert report.passed and report.n_images == 48 - 32
-    assert 0.0 <= report.agreement <= 1.0 and report.macro_f1_change is not None
+    model, meta = load_checkpoint(ckpt)
+    _, val = qz.calibration_and_validation(phantom_dir, meta["preprocessing"], calibration_size=32)
+    ref_top = qz.torch_logits(model, val.inputs).argmax(1)
+    q_top = qz.run_session(make_session(int8), val.inputs).argmax(1)
+    f1 = {"labels": [0, 1, 2, 3], "average": "macro", "zero_division": 0}
+    assert val.labels is not None
+    want_change = f1_score(val.labels, q_top, **f1) - f1_score(val.labels, ref_top, **f1)
+    # Assert: the report is what fp32 vs int8 give on the 16 held-out images
+    assert report.passed and report.n_images == 48 - 32 == len(val.inputs)
+    assert report.agreement == pytest.approx(float((ref_top == q_top).mean()), abs=1e-12)
+    assert report.macro_f1_change == pytest.approx(want_change, abs=1e-12)
     assert logits.shape == (3, 4) and np.isfinite(logits).all()
+
+    # Execute + Assert: thresholds exactly at the measured values pass, stricter ones refuse
+    def quantize(min_agreement: float, max_f1_drop: float) -> qz.QualityReport:
+        return qz.quantize_checkpoint(
+            ckpt, folder, phantom_dir, calibration_size=32,
+            min_agreement=min_agreement, max_f1_drop=max_f1_drop,
+        )  # fmt: skip
+
+    at = quantize(report.agreement, max(0.0, -want_change))
+    assert at.passed and at.agreement == report.agreement
+    if report.agreement < 1.0:
+        with pytest.raises(qz.QuantizationRefused, match="agreement"):
+            quantize(report.agreement + 1e-6, 1.0)
+        quantize(0.0, 1.0)  # put the int8 graph back for the checks below
     assert read_properties(int8)["classes"] == CLASSES
     assert read_sidecar(folder)["onnx"]["int8"]["agreement"] == report.agreement
 

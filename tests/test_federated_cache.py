@@ -71,7 +71,7 @@ def test_cached_local_training_trains_once_cached_features_across_epochs_and_rou
         task.from_named(model2, task.to_named(model))
         task.train_local(model2, samples, cfg, proximal_mu=0.01, server_round=2)
     # Assert
-    assert stats["num-examples"] == 12 and 0.0 <= stats["accuracy"] <= 1.0
+    assert stats["num-examples"] == 12  # accuracy / loss: the next test
     assert calls_round1 == 3  # 12 images / batch 4, once, not once per epoch
     assert calls[0] == calls_round1  # round 2 reused the cache
     assert "pixels are not augmented" in caplog.text
@@ -126,6 +126,40 @@ def test_cache_features_warns_and_trains_normally_when_not_applicable(
     assert calls[0] == 0 and task._FEATURE_CACHES == {}
     assert stats["num-examples"] == 12
     assert any(not torch.equal(p, before[n]) for n, p in _trainable(net).items())
+
+
+def test_cached_local_training_reports_the_epochs_accuracy_and_loss(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Breaks if the cached path reports another accuracy or loss than its epoch had (e.g. a
+    batch's, or unweighted per batch): with a vanishing learning rate nothing moves, so they must
+    equal :func:`task.evaluate_model` on the same images through the full model (pixels)."""
+    # Prepare: no augmentation, no label smoothing, lr 1e-12 (0 is refused; AdamW steps are
+    # about lr in size and its decay is lr-scaled, so nothing moves measurably)
+    cfg = _cfg(monkeypatch, **{"lr": 1e-12, "augment": False, "label-smoothing": 0.0,
+                               "local-epochs": 1, "batch-size": 5})  # fmt: skip
+    from kidneyscan.data.datasets import scan_dataset
+
+    # 12 images, 6 / 3 / 2 / 1 per class (an arg-min would not score like the arg-max),
+    # in batches of 5, 5, 2 (an unweighted mean over batches would differ)
+    every = scan_dataset(phantom_dir)
+    by_label = sorted({s.label for s in every})
+    samples = [s for n, lab in zip((6, 3, 2, 1), by_label, strict=True)
+               for s in [x for x in every if x.label == lab][:n]]  # fmt: skip
+    monkeypatch.setattr(task, "_FEATURE_CACHES", {})
+    model = task.build_model(cfg)
+    # Lean the random head towards the most common class, so accuracy is not a trivial 0.
+    labels = [s.label for s in samples]
+    with torch.no_grad():
+        model.get_classifier().bias[max(set(labels), key=labels.count)] += 5.0
+    # Execute
+    stats = task.train_local(model, samples, cfg, proximal_mu=0.0, server_round=1)
+    want, _, _ = task.evaluate_model(model, samples, cfg)
+    # Assert
+    assert stats["num-examples"] == want["num-examples"] == 12
+    assert 0.0 < want["accuracy"] < 1.0
+    assert stats["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
+    assert stats["loss"] == pytest.approx(want["loss"], rel=1e-4)
 
 
 def test_cached_epoch_applies_the_fedprox_term() -> None:

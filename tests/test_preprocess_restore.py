@@ -231,3 +231,68 @@ def test_periodic_subtraction_beats_the_notch(clean: np.ndarray) -> None:
     # measured: noisy 24.4 dB, notch 29.8, subtraction 31.9
     assert metrics.psnr(clean, out) > metrics.psnr(clean, restore.notch_filter(noisy)) + 1.0
     np.testing.assert_array_equal(restore.subtract_periodic(clean), clean)  # no spike: unchanged
+
+
+# A 4 x 4 image small enough to check by hand; every value is positive, so the 1e-4 offset
+# that keeps log / reciprocal finite on black pixels only shifts the reference slightly.
+SMALL = np.array(
+    [
+        [0.10, 0.20, 0.30, 0.40],
+        [0.50, 0.60, 0.70, 0.80],
+        [0.90, 0.20, 0.40, 0.60],
+        [0.30, 0.50, 0.70, 0.10],
+    ],
+    dtype=np.float32,
+)
+EPS = 1e-4  # restore._EPS
+
+
+def _windows(image: np.ndarray, size: int, mode: str) -> list[list[np.ndarray]]:
+    """Each pixel's size x size neighbourhood, padded by mirroring or with zeros."""
+    r = size // 2
+    pad = np.pad(image.astype(np.float64), r, mode=mode)
+    h, w = image.shape
+    return [[pad[i : i + size, j : j + size] for j in range(w)] for i in range(h)]
+
+
+@pytest.mark.parametrize("size", [3, 5])
+def test_geometric_and_harmonic_means_match_a_hand_computation(size: int) -> None:
+    """Breaks if the geometric mean is not the n-th root of the window product, the harmonic
+    mean not n / sum(1/x), or the border is not mirrored (d c b a | a b c d, as the other
+    filters; a 5 x 5 window tells it from edge repetition); the reference uses products and
+    sums, not the filters' log / box trick."""
+    n = size * size
+    win = _windows(SMALL + EPS, size, "symmetric")
+    geo = np.array([[np.prod(v) ** (1 / n) for v in row] for row in win]) - EPS
+    har = np.array([[n / np.sum(1 / v) for v in row] for row in win]) - EPS
+    # Pixel (1, 1) on paper: its window is 0.1 0.2 0.3 / 0.5 0.6 0.7 / 0.9 0.2 0.4, product
+    # 9.072e-5, 9th root 0.3555; sum of reciprocals 32.04, 9 / 32.04 = 0.2809.
+    if size == 3:
+        assert geo[1, 1] == pytest.approx(0.3555, abs=1e-4)
+        assert har[1, 1] == pytest.approx(0.2809, abs=1e-4)
+
+    np.testing.assert_allclose(restore.mean_geometric(SMALL, size=size), geo, atol=1e-6)
+    np.testing.assert_allclose(restore.mean_harmonic(SMALL, size=size), har, atol=1e-6)
+
+
+@pytest.mark.parametrize("noise_var", [None, 0.01])
+def test_wiener_matches_a_hand_computation(noise_var: float | None) -> None:
+    """Breaks if the filter is not ``m + (1 - noise / var) (x - m)`` with the local mean and
+    variance of a zero-padded window (SciPy's), ``m`` where the variance is below the noise,
+    the noise defaulting to the mean local variance. On a flat image the windows clear of the
+    zero padding return the input; on a black one SciPy computes 0 / 0, which must become
+    the input (0), not NaN or anything else."""
+    win = _windows(SMALL, 3, "constant")
+    mean = np.array([[v.mean() for v in row] for row in win])
+    var = np.array([[(v**2).mean() for v in row] for row in win]) - mean**2
+    noise = var.mean() if noise_var is None else noise_var
+    x = SMALL.astype(np.float64)
+    want = np.where(var < noise, mean, mean + (1 - noise / var) * (x - mean))
+
+    got = restore.filter_wiener(SMALL, size=3, noise=noise_var)
+
+    np.testing.assert_allclose(got, np.clip(want, 0, 1), atol=1e-6)
+    flat = np.full((4, 4), 0.4, np.float32)
+    np.testing.assert_allclose(restore.filter_wiener(flat, size=3)[1:3, 1:3], 0.4, atol=1e-7)
+    black = np.zeros((4, 4), np.float32)
+    np.testing.assert_array_equal(restore.filter_wiener(black, size=3), black)
