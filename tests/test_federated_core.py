@@ -257,11 +257,16 @@ def federated_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.mark.slow
 def test_two_round_simulation_writes_a_servable_checkpoint(federated_run: tuple) -> None:
+    """Breaks if the per-round test macro-F1 / accuracy are computed wrongly (another average,
+    another split), or if the checkpoint saved is not the selected round's model: the selected
+    round's numbers must equal those that metrics.json gets from the reloaded checkpoint
+    through :func:`kidneyscan.evaluation.metrics.classification_metrics`."""
     from kidneyscan.models.checkpoint import load_checkpoint
 
     _, out = federated_run
     summary = json.loads((out / "federation.json").read_text())
     history = json.loads((out / "curves.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
     model, meta = load_checkpoint(out / "checkpoint")
 
     assert summary["completed_round"] == 2
@@ -269,8 +274,10 @@ def test_two_round_simulation_writes_a_servable_checkpoint(federated_run: tuple)
     for row in history:
         assert sorted(c["partition-id"] for c in row["clients"]) == [0, 1, 2]
         assert all(np.isfinite(c["train-loss"]) for c in row["clients"])
-        assert 0.0 <= row["test-macro-f1"] <= 1.0
         assert row["failures"] == []
+    selected = history[int(summary["best"]["round"]) - 1]
+    assert selected["test-macro-f1"] == pytest.approx(metrics["macro"]["f1"], abs=1e-6)
+    assert selected["test-accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert meta["classes"] == ["Cyst", "Normal", "Stone", "Tumor"]
     assert meta["preprocessing"]["image_size"] == 64
     assert meta["training"]["mode"] == "federated"
