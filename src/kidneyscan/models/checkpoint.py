@@ -17,6 +17,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from kidneyscan import __version__
+from kidneyscan.models.factory import create_classifier
+from kidneyscan.models.registry import unwrap_model
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "metadata.json"
@@ -59,7 +61,7 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, metadata: dict[str, A
         taken from the model's ``kidneyscan_spec`` when absent. ``temperature`` defaults to 1.0;
         ``code_version`` and ``weights_sha256`` are filled in here.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     meta = dict(metadata)
     spec: Any = getattr(model, "kidneyscan_spec", None)
     if "model" not in meta and isinstance(spec, dict):
@@ -82,15 +84,6 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, metadata: dict[str, A
     return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # Opacus' GradSampleModule keeps the model in ._module, DataParallel/DDP in .module.
-    for attr in ("_module", "module"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return _unwrap(inner)
-    return model
-
-
 def read_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
     """Read ``metadata.json`` of a checkpoint folder."""
     p = Path(ckpt_dir) / METADATA_FILE
@@ -102,8 +95,6 @@ def read_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(ckpt_dir: str | Path, *, verify: bool = True) -> tuple[nn.Module, dict]:
     """Rebuild the model of a checkpoint folder (eval mode) and return it with its metadata."""
-    from kidneyscan.models.factory import create_classifier
-
     ckpt = Path(ckpt_dir)
     meta = read_metadata(ckpt)
     wfile = ckpt / WEIGHTS_FILE
