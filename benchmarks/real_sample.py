@@ -59,6 +59,11 @@ def _cfg(**changes: Any) -> ExperimentConfig:
 ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
     "default": ("hybrid, CT backbone frozen, kidney band (the default recipe)", DEFAULT, False),
     "probe": ("linear probe, CT backbone, kidney band", DEFAULT, True),
+    "tokens14": (
+        "hybrid, CT backbone frozen, kidney band, all 14 x 21 layer3 tokens (no 2 x 2 pooling)",
+        _cfg(model_kwargs={**DEFAULT.model_kwargs, "token_pool": 1}),
+        False,
+    ),
     "frozen80": (
         "hybrid, CT backbone 80 % frozen (last 10 blocks trained), kidney band",
         _cfg(
