@@ -261,7 +261,8 @@ def main() -> None:
         h, w = meta["input_size"][1:]
         model_desc = (
             f"the checkpoint `{args.checkpoint}` ({meta['model']['name']}, "
-            f"{meta['model']['kwargs'].get('backbone', '')}, {h} x {w} px, trained weights)"
+            f"{meta['model']['kwargs'].get('backbone', 'default backbone')}, {h} x {w} px, "
+            "trained weights)"
         )
     else:
         model_desc = f"the hybrid (convnext_tiny, {args.size} px, random weights)"
@@ -325,8 +326,8 @@ def main() -> None:
         "Requests are serialised inside one worker (one model; Grad-CAM hooks are not "
         "thread-safe), so throughput is one inference at a time; `--workers N` runs N.",
         "",
-        "The 2 CPU cores were shared with other work while this ran (load average above); "
-        "servers ran with 1 torch / ONNX Runtime thread.",
+        "Load average at start and end above (other work on the 2 cores slows the wall-clock "
+        "columns, not the CPU ones); servers ran with 1 torch / ONNX Runtime thread.",
     ]
     payload = {"machine": info, "service": results, "federated_client": fed, "args": vars(args)}
     write_results("bench_service", payload, "\n".join(lines))
