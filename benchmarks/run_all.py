@@ -25,9 +25,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-SCRIPTS = ("bench_default", "bench_inference", "bench_training", "bench_service")
+SCRIPTS = ("bench_default", "int8_recipes", "bench_inference", "bench_training", "bench_service")
 QUICK = {
     "bench_default": ["--reps", "2", "1", "--calibration", "8"],
+    "int8_recipes": ["--reps", "1", "--calibration", "8"],
     "bench_inference": ["--size", "96", "--reps", "3", "2", "--calibration", "8",
                         "--validation", "16"],
     "bench_training": ["--size", "96", "--steps", "2", "--acc-epochs", "1", "--acc-train", "32",

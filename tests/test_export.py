@@ -230,3 +230,44 @@ def test_cli_export_errors_are_clear(tmp_path, exported):
     assert no_ckpt.exit_code == 2 and "not a checkpoint" in no_ckpt.output
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "x" / "model.onnx").is_file()
+
+
+def test_int8_keeps_high_resolution_convs_float(tmp_path):
+    """The early, high-resolution convolutions stay float and the later ones get int8 weights.
+
+    Breaks if ``quantize_onnx`` stops passing :func:`high_resolution_convs` to ONNX Runtime
+    (every Conv would read a DequantizeLinear weight) or if the stride rule counts the wrong
+    axis (the stride-8 conv would stay float too).
+    """
+    import onnx
+
+    from kidneyscan.export.onnx import export_bytes
+    from kidneyscan.export.quantize import quantize_onnx
+
+    # Prepare: three stride-2 convs (outputs at 1/2, 1/4, 1/8 of a 32 x 48 input)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 4),
+    )  # fmt: skip
+    meta = {"classes": CLASSES, "preprocessing": {"image_size": 32, "image_width": 48}}
+    fp32 = tmp_path / "m.onnx"
+    fp32.write_bytes(export_bytes(net, meta))
+    cal = np.random.default_rng(0).random((6, 3, 32, 48)).astype(np.float32)
+
+    def quantized_convs(path: Path) -> list[bool]:
+        graph = onnx.load(str(path)).graph
+        dq_outputs = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return [n.input[1] in dq_outputs for n in graph.node if n.op_type == "Conv"]
+
+    # Execute: the default recipe (moving average, stride <= 4 float) and an all-int8 one
+    default = quantize_onnx(fp32, tmp_path / "d.onnx", cal)
+    everything = quantize_onnx(fp32, tmp_path / "a.onnx", cal, float_stride=0)
+
+    # Assert: only the stride-8 conv is int8 by default; all three when nothing stays float
+    assert quantized_convs(default) == [False, False, True]
+    assert quantized_convs(everything) == [True, True, True]
+    with pytest.raises(ValueError, match="moving_average"):
+        quantize_onnx(fp32, tmp_path / "p.onnx", cal, method="percentile")

@@ -3,8 +3,11 @@ preprocessing, and a quality guard that refuses a bad int8 model.
 
 Recipe: ``quant_pre_process`` (shape inference + graph optimisation, ONNX Runtime's advice
 before quantizing) -> ``quantize_static`` in QDQ format, per-channel symmetric int8 weights,
-uint8 activations, MinMax calibration on a few hundred images that went through
-:class:`~kidneyscan.preprocess.pipeline.Preprocessor` exactly as in training and serving.
+uint8 activations, MinMax ranges averaged over single calibration images (a few hundred,
+through :class:`~kidneyscan.preprocess.pipeline.Preprocessor` exactly as in training and
+serving) rather than the extremes over all of them, and the high-resolution convolutions
+(output stride <= 4: a ResNet's stem and first stage) left in float. Measured on the default
+CT ResNet-152 hybrid in ``benchmarks/results/int8_recipes.md``.
 
 Quality guard (documented thresholds): on a validation set disjoint from the calibration
 images, the int8 graph's top-1 must agree with the fp32 **PyTorch** model on at least
@@ -48,6 +51,12 @@ DEFAULT_MIN_AGREEMENT = 0.99
 DEFAULT_MAX_F1_DROP = 0.02
 DEFAULT_CALIBRATION_SIZE = 300
 DEFAULT_VALIDATION_SIZE = 300
+# Only the compute-heavy ops: int8 LayerNorm/Softmax/GELU cost accuracy and gain nothing on
+# CPU (ORT runs them in float between DequantizeLinear nodes anyway).
+DEFAULT_OP_TYPES: tuple[str, ...] = ("Conv", "MatMul", "Gemm")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+#: Conv nodes with output stride <= this stay float (see :func:`high_resolution_convs`).
+DEFAULT_FLOAT_STRIDE = 4
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".bmp", ".tif", ".tiff")
 
 
@@ -239,20 +248,62 @@ class _Reader:
     """ONNX Runtime ``CalibrationDataReader`` over preprocessed arrays, in small batches."""
 
     def __init__(self, inputs: np.ndarray, batch: int = 16) -> None:
-        self._batches: Iterator[np.ndarray] = iter(
-            [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
-        )
+        self._chunks = [inputs[i : i + batch] for i in range(0, len(inputs), batch)]
+        self._batches: Iterator[np.ndarray] = iter(self._chunks)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         arr = next(self._batches, None)
         return None if arr is None else {INPUT_NAME: arr}
 
-    def rewind(self) -> None:  # pragma: no cover - ORT does not call it for MinMax
-        raise NotImplementedError
+    def rewind(self) -> None:
+        self._batches = iter(self._chunks)
 
 
-def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.ndarray) -> Path:
-    """Static QDQ int8 quantization of an fp32 graph, calibrated on preprocessed inputs."""
+def high_resolution_convs(model_path: str | Path, max_stride: int) -> list[str]:
+    """Names of the Conv nodes whose output is at most ``max_stride`` times smaller than the
+    input image (height), read from the shapes that shape inference put in the graph.
+
+    These early convolutions hold a small share of the compute but quantize worst: their
+    errors then travel through every later block.
+    """
+    import onnx
+
+    proto = onnx.load(str(model_path))
+    dims = {
+        v.name: v.type.tensor_type.shape.dim
+        for v in [*proto.graph.value_info, *proto.graph.output, *proto.graph.input]
+    }
+    image = dims[proto.graph.input[0].name]
+    if len(image) != 4 or not image[2].HasField("dim_value"):
+        raise ExportError("the graph input has no static height; cannot find early convolutions")
+    height = image[2].dim_value
+    names = []
+    for node in proto.graph.node:
+        out = dims.get(node.output[0]) if node.op_type == "Conv" else None
+        static = out is not None and len(out) == 4 and out[2].HasField("dim_value")
+        if static and out[2].dim_value * max_stride >= height:  # type: ignore[index]
+            names.append(node.name)
+    return names
+
+
+def quantize_onnx(
+    fp32_path: str | Path,
+    out_path: str | Path,
+    calibration: np.ndarray,
+    *,
+    op_types: Sequence[str] = DEFAULT_OP_TYPES,
+    method: str = "minmax",
+    moving_average: bool = True,
+    float_stride: int = DEFAULT_FLOAT_STRIDE,
+) -> Path:
+    """Static QDQ int8 quantization of an fp32 graph, calibrated on preprocessed inputs.
+
+    ``op_types`` are the ONNX op types given int8 kernels (the rest stays float);
+    ``method`` is the activation-range calibration, one of :data:`CALIBRATION_METHODS`;
+    ``moving_average`` calibrates MinMax one image at a time and averages the per-image
+    ranges (ONNX Runtime's ``CalibMovingAverage``), so a few extreme images do not stretch
+    them; Conv nodes with output stride <= ``float_stride`` stay float (0: quantize all).
+    """
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -264,6 +315,17 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
 
     if len(calibration) == 0:
         raise ValueError("no calibration images")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; use one of {CALIBRATION_METHODS}")
+    if not op_types:
+        raise ValueError("op_types is empty: nothing would be quantized")
+    if moving_average and method != "minmax":
+        raise ValueError(f"moving_average applies to the minmax method only, not {method!r}")
+    calibrate = {
+        "minmax": CalibrationMethod.MinMax,
+        "percentile": CalibrationMethod.Percentile,
+        "entropy": CalibrationMethod.Entropy,
+    }[method]
 
     class Reader(_Reader, CalibrationDataReader):  # type: ignore[misc]
         pass
@@ -271,20 +333,23 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: np.n
     with tempfile.TemporaryDirectory(prefix="ks-quant-") as tmp:
         prepped = Path(tmp) / "prepped.onnx"
         quant_pre_process(str(fp32_path), str(prepped), skip_symbolic_shape=False)
+        keep_float = high_resolution_convs(prepped, float_stride) if float_stride > 0 else []
+        extra: dict[str, Any] = {"WeightSymmetric": True, "ActivationSymmetric": False}
+        if moving_average:
+            extra |= {"CalibMovingAverage": True, "CalibMovingAverageConstant": 0.05}
         quantize_static(
             str(prepped),
             str(out_path),
-            Reader(calibration),
+            Reader(calibration, batch=1 if moving_average else 16),
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            # Only the compute-heavy ops: int8 LayerNorm/Softmax/GELU cost accuracy and gain
-            # nothing on CPU (ORT runs them in float between DequantizeLinear nodes anyway).
-            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+            calibrate_method=calibrate,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=keep_float,
             # Symmetric weights let ORT use its fast s8s8/u8s8 kernels (VNNI on this CPU).
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            extra_options=extra,
         )
     return Path(out_path)
 
