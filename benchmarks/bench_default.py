@@ -21,6 +21,7 @@ shared; variants run interleaved, so read the ratios). Writes
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _perf_common import (  # noqa: E402
     REAL_DATA,
+    RESULTS,
     command_line,
     interleaved,
     machine,
@@ -160,6 +162,15 @@ def bench_checkpoint(ckpt: Path, data: Path, args: argparse.Namespace) -> dict[s
     }
 
 
+def _earlier_results(measured: set[str]) -> dict[str, Any]:
+    """The previous run's results of the checkpoints not measured in this one."""
+    path = RESULTS / "bench_default.json"
+    if not path.is_file():
+        return {}
+    previous = json.loads(path.read_text())["results"]
+    return {k: v for k, v in previous.items() if k not in measured}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=REAL_DATA)
@@ -170,6 +181,10 @@ def main() -> None:
     ap.add_argument("--reps", type=int, nargs=2, default=[10, 3], help="timed calls, batch 1/16")
     ap.add_argument("--calibration", type=int, default=64, help="int8 calibration images")
     ap.add_argument("--threads", type=int, default=1, help="torch + ONNX Runtime threads")
+    ap.add_argument(
+        "--keep-earlier", action="store_true",
+        help="keep the previous results of checkpoints not measured now (marked as such)",
+    )  # fmt: skip
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     pairs = args.checkpoint or [
@@ -185,17 +200,20 @@ def main() -> None:
         sys.exit("no checkpoint to measure: run `kidneyscan train` / `kidneyscan distill` first")
     info = machine()
     results = {name: bench_checkpoint(path, args.data, args) for name, path in ckpts.items()}
+    earlier = _earlier_results(set(results)) if args.keep_earlier else {}
+    results |= earlier
     info["load_average_end"] = [round(x, 1) for x in os.getloadavg()]
     payload = {"machine": info, "results": results, "args": vars(args) | {"data": str(args.data)}}
 
     rows = []
     for name, r in results.items():
+        shown = f"{name} (earlier run)" if name in earlier else name
         for batch in ("1", "16"):
             base = r["timings"][batch]["eager fp32"]["images_per_cpu_s"]
             for v in VARIANTS:
                 t, q = r["timings"][batch][v], r["quality"][v]
                 rows.append([
-                    name, batch, v, t["images_per_cpu_s"], t["p50_cpu_ms"], t["p95_cpu_ms"],
+                    shown, batch, v, t["images_per_cpu_s"], t["p50_cpu_ms"], t["p95_cpu_ms"],
                     f"{t['images_per_cpu_s'] / base:.2f}x",
                     "-" if v == "eager fp32" else f"{100 * q['top1_agreement']:.1f} %",
                     f"{q['macro_f1']:.3f}",
@@ -229,6 +247,12 @@ def main() -> None:
             f"{r['flops_per_image'] / 1e9:.1f} GFLOP per image; int8 calibrated on "
             f"{r['n_calibration']} training-split ROIs, judged on the {r['n_test']} test-split "
             "images of its split file."
+        )
+    if earlier:
+        lines.append(
+            f"- {', '.join(earlier)}: not re-measured by this command; rows copied from the "
+            "previous `bench_default.json` (`--keep-earlier`), measured on the same kind of "
+            "machine in another process."
         )
     if {"default", "student"} <= results.keys():
         t, s = results["default"]["timings"], results["student"]["timings"]

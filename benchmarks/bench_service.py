@@ -165,7 +165,9 @@ def serve_and_load(
     ckpt: Path, backend: str, blobs: list[bytes], args: argparse.Namespace
 ) -> dict[str, Any]:
     port = _free_port()
-    env = dict(os.environ, KIDNEYSCAN_RATE_LIMIT="0", KIDNEYSCAN_TORCH_THREADS="1")
+    env = dict(
+        os.environ, KIDNEYSCAN_RATE_LIMIT="0", KIDNEYSCAN_TORCH_THREADS=str(args.server_threads)
+    )
     if backend.startswith("onnx"):
         env["KIDNEYSCAN_ONNX_PRECISION"] = "int8" if backend == "onnx-int8" else "fp32"
     cmd = [sys.executable, "-m", "kidneyscan", "serve", "--checkpoint", str(ckpt),
@@ -232,6 +234,8 @@ def main() -> None:
                     choices=["torch", "onnx", "onnx-int8"])  # fmt: skip
     ap.add_argument("--checkpoint", type=Path, help="a trained checkpoint (default: random)")
     ap.add_argument("--no-fed", action="store_true", help="skip the federated client's memory")
+    ap.add_argument("--server-threads", type=int, default=1,
+                    help="torch / ONNX Runtime threads of the server")  # fmt: skip
     args = ap.parse_args()
     if not REAL_DATA.is_dir():
         raise SystemExit(f"needs the real sample at {REAL_DATA}")
@@ -327,7 +331,8 @@ def main() -> None:
         "thread-safe), so throughput is one inference at a time; `--workers N` runs N.",
         "",
         "Load average at start and end above (other work on the 2 cores slows the wall-clock "
-        "columns, not the CPU ones); servers ran with 1 torch / ONNX Runtime thread.",
+        "columns, not the CPU ones); servers ran with "
+        f"{args.server_threads} torch / ONNX Runtime thread(s).",
     ]
     payload = {"machine": info, "service": results, "federated_client": fed, "args": vars(args)}
     write_results("bench_service", payload, "\n".join(lines))
