@@ -48,6 +48,7 @@ from kidneyscan.experiment import build_model, make_preprocessor, train_central
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ExperimentConfig()
 WHOLE = {"steps": [], "image_size": 224, "image_width": 224}
+BAND = list(DEFAULT.steps)
 
 
 def _cfg(**changes: Any) -> ExperimentConfig:
@@ -70,6 +71,28 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
             model_kwargs={**DEFAULT.model_kwargs, "freeze_fraction": 0.8, "token_stage": -1},
             train={"epochs": 4, "lr": 3e-4},
         ),
+        False,
+    ),
+    # Does a DIP step help? Screened with the probe (one feature extraction each, ~5 min with
+    # bf16): the step runs on the kidney-band crop, before the backbone's normalisation.
+    "probe_clahe": (
+        "linear probe, CT backbone, kidney band + CLAHE",
+        _cfg(steps=[*BAND, {"name": "clahe"}]),
+        True,
+    ),
+    "probe_bilateral": (
+        "linear probe, CT backbone, kidney band + bilateral smoothing",
+        _cfg(steps=[*BAND, {"name": "smooth_bilateral"}]),
+        True,
+    ),
+    "probe_restore": (
+        "linear probe, CT backbone, kidney band + restore_auto (detected noise -> filter)",
+        _cfg(steps=[*BAND, {"name": "restore_auto"}]),
+        True,
+    ),
+    "bilateral": (
+        "the default recipe (hybrid, CT backbone frozen, kidney band) + bilateral smoothing",
+        _cfg(steps=[*BAND, {"name": "smooth_bilateral"}]),
         False,
     ),
     "whole": ("hybrid, CT backbone frozen, whole slice 224 x 224", _cfg(**WHOLE), False),
