@@ -3,11 +3,12 @@ guard (>= 99 % top-1 agreement with fp32 PyTorch)?
 
 Every recipe goes through the product's :func:`kidneyscan.export.quantize.quantize_onnx`
 (static QDQ, per-channel symmetric int8 weights, uint8 activations) with one option changed:
-the op types given int8 kernels, MinMax over batches of 16 vs a moving average over single
-images, and whether the high-resolution convolutions (output stride <= 4) stay float. All are
-calibrated on the same training-split ROIs of the checkpoint's split file; the recipe is
-chosen on the **validation** split's agreement, and the test split is reported beside it
-(never used to choose). Speed: CPU ms per image at batch 1, one ONNX Runtime thread, next to
+the op types given int8 kernels, MinMax extremes over batches of 16 vs per-image ranges
+averaged over single images (ONNX Runtime's ``CalibMovingAverage``), and whether the
+high-resolution convolutions (output stride <= 4) stay float. All are calibrated on the same
+training-split ROIs of the checkpoint's split file; the recipe is chosen on the
+**validation** split's agreement, and the test split is reported beside it (never used to
+choose). Speed: CPU ms per image at batch 1, one ONNX Runtime thread, next to
 ORT fp32 and eager PyTorch fp32. Writes ``results/int8_recipes.{json,md}``.
 
 Usage::

@@ -49,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ExperimentConfig()
 WHOLE = {"steps": [], "image_size": 224, "image_width": 224}
 BAND = list(DEFAULT.steps)
+BILATERAL = [*BAND, {"name": "smooth_bilateral"}]
 
 
 def _cfg(**changes: Any) -> ExperimentConfig:
@@ -82,7 +83,7 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
     ),
     "probe_bilateral": (
         "linear probe, CT backbone, kidney band + bilateral smoothing",
-        _cfg(steps=[*BAND, {"name": "smooth_bilateral"}]),
+        _cfg(steps=BILATERAL),
         True,
     ),
     "probe_restore": (
@@ -92,7 +93,7 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
     ),
     "bilateral": (
         "the default recipe (hybrid, CT backbone frozen, kidney band) + bilateral smoothing",
-        _cfg(steps=[*BAND, {"name": "smooth_bilateral"}]),
+        _cfg(steps=BILATERAL),
         False,
     ),
     "whole": ("hybrid, CT backbone frozen, whole slice 224 x 224", _cfg(**WHOLE), False),
@@ -137,7 +138,8 @@ def band_splits(data: Path, out: Path, k: int, seed: int) -> list[Path]:
     return paths
 
 
-def _read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+def read_predictions(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(paths, labels, calibrated probabilities) of one run's ``predictions.csv``."""
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
     labels = np.array([CLASSES.index(r["label"]) for r in rows])
@@ -153,7 +155,7 @@ def run_trained(
     times = {"train_s": 0.0, "features_s": 0.0}
     for i, split in enumerate(splits):
         res = train_central(data, out / f"fold{i}", cfg, split_file=split, progress=False)
-        _, y, p = _read_predictions(res.run_dir / "predictions.csv")
+        _, y, p = read_predictions(res.run_dir / "predictions.csv")
         labels.append(y)
         probs.append(p)
         per_fold.append(float(res.metrics["macro"]["f1"]))

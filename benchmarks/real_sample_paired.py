@@ -16,30 +16,29 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import f1_score
 
-from kidneyscan.data.datasets import CLASSES
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kidneyscan.data.datasets import CLASSES  # noqa: E402
+from real_sample import read_predictions  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def fold_predictions(run: Path) -> list[tuple[list[str], np.ndarray, np.ndarray]]:
-    """(paths, labels, predicted) per fold of one row's output folder, in fold order."""
+    """(paths, labels, predicted class) per fold of one row's output folder, in fold order."""
     folds = sorted(run.glob("fold*/predictions.csv"), key=lambda p: int(p.parent.name[4:]))
     if not folds:
         raise SystemExit(f"no fold*/predictions.csv under {run}: run real_sample.py first")
     out = []
     for path in folds:
-        with path.open() as fh:
-            rows = list(csv.DictReader(fh))
-        labels = np.array([CLASSES.index(r["label"]) for r in rows])
-        pred = np.array([CLASSES.index(r["predicted"]) for r in rows])
-        out.append(([r["path"] for r in rows], labels, pred))
+        paths, labels, probs = read_predictions(path)
+        out.append((paths, labels, probs.argmax(1)))
     return out
 
 
