@@ -30,9 +30,12 @@ def _samples(phantom_dir: Path) -> list:
     return scan_dataset(phantom_dir)[:12]
 
 
-def _count_features(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    from kidneyscan.export.fasttrain import FrozenSplit
+def _count_features(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
+    """Count frozen-prefix forward passes; the on-disk cache lives under ``tmp_path``."""
+    from kidneyscan.features import CACHE_ENV
+    from kidneyscan.models.frozen import FrozenSplit
 
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "features"))
     calls = [0]
     original = FrozenSplit.features
 
@@ -41,7 +44,6 @@ def _count_features(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return original(self, x)
 
     monkeypatch.setattr(FrozenSplit, "features", counting)
-    monkeypatch.setattr(task, "_FEATURE_CACHES", {})
     return calls
 
 
@@ -53,52 +55,55 @@ def _trainable(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def test_cached_local_training_trains_once_cached_features_across_epochs_and_rounds(
-    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_cached_local_training_computes_features_once_across_epochs_rounds_and_runs(
+    phantom_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
 ) -> None:
     # Prepare
     cfg = _cfg(monkeypatch)
     samples = _samples(phantom_dir)
-    calls = _count_features(monkeypatch)
+    calls = _count_features(monkeypatch, tmp_path)
     model = task.build_model(cfg)
     frozen_before, trainable_before = _frozen(model), _trainable(model)
     # Execute: round 1 (2 local epochs, FedProx on), then round 2 on a fresh model that got
     # only the trainable tensors, as the ClientApp does.
-    with caplog.at_level(logging.INFO, logger="kidneyscan.federated.task"):
+    with caplog.at_level(logging.INFO, logger="kidneyscan"):
         stats = task.train_local(model, samples, cfg, proximal_mu=0.01, server_round=1)
         calls_round1 = calls[0]
         model2 = task.build_model(cfg)
         task.from_named(model2, task.to_named(model))
         task.train_local(model2, samples, cfg, proximal_mu=0.01, server_round=2)
     # Assert
-    assert stats["num-examples"] == 12  # accuracy / loss: the next test
-    assert calls_round1 == 3  # 12 images / batch 4, once, not once per epoch
-    assert calls[0] == calls_round1  # round 2 reused the cache
+    assert stats["num-examples"] == 12  # accuracy / loss: a test below
+    assert calls_round1 == 4  # 12 images in batches of 8, original + flipped view, once
+    assert calls[0] == calls_round1  # round 2 read the cache
     assert "pixels are not augmented" in caplog.text
-    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 1 and "feature maps are flipped" in warned[0].getMessage()
+    assert "computing 12 of 12 images" in caplog.text
+    assert list((tmp_path / "features").rglob("*.safetensors"))  # on disk: later runs reuse it
     assert all(torch.equal(p, frozen_before[n]) for n, p in _frozen(model).items())
     changed = [n for n, p in _trainable(model).items() if not torch.equal(p, trainable_before[n])]
     assert "head.weight" in changed
 
 
 def test_cache_is_rebuilt_when_frozen_weights_differ(
-    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     # Prepare
     cfg = _cfg(monkeypatch, **{"local-epochs": 1})
     samples = _samples(phantom_dir)
-    calls = _count_features(monkeypatch)
+    calls = _count_features(monkeypatch, tmp_path)
     task.train_local(task.build_model(cfg), samples, cfg, proximal_mu=0.0)
     other = task.build_model(cfg)
     with torch.no_grad():
         next(p for p in other.parameters() if not p.requires_grad).add_(0.5)
     # Execute
-    with caplog.at_level(logging.WARNING, logger="kidneyscan.federated.task"):
-        task.train_local(other, samples, cfg, proximal_mu=0.0)
-    # Assert
-    assert calls[0] == 6
-    assert "rebuilding" in caplog.text
+    task.train_local(other, samples, cfg, proximal_mu=0.0)
+    task.train_local(task.build_model(cfg), samples, cfg, proximal_mu=0.0)
+    # Assert: the changed prefix has its own cache; the original one is still there
+    assert calls[0] == 8
+    assert len({p.parent.parent for p in (tmp_path / "features").rglob("*.safetensors")}) == 2
 
 
 @pytest.mark.parametrize(
@@ -110,12 +115,13 @@ def test_cache_features_warns_and_trains_normally_when_not_applicable(
     phantom_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
     model: str,
     kwargs: dict,
 ) -> None:
     # Prepare
     cfg = _cfg(monkeypatch, model=model, **{"model-kwargs": json.dumps(kwargs), "local-epochs": 1})
-    calls = _count_features(monkeypatch)
+    calls = _count_features(monkeypatch, tmp_path)
     net = task.build_model(cfg)
     before = _trainable(net)
     # Execute
@@ -123,13 +129,13 @@ def test_cache_features_warns_and_trains_normally_when_not_applicable(
         stats = task.train_local(net, _samples(phantom_dir), cfg)
     # Assert
     assert "cache-features does not apply" in caplog.text
-    assert calls[0] == 0 and task._FEATURE_CACHES == {}
+    assert calls[0] == 0 and not (tmp_path / "features").exists()
     assert stats["num-examples"] == 12
     assert any(not torch.equal(p, before[n]) for n, p in _trainable(net).items())
 
 
 def test_cached_local_training_reports_the_epochs_accuracy_and_loss(
-    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """Breaks if the cached path reports another accuracy or loss than its epoch had (e.g. a
     batch's, or unweighted per batch): with a vanishing learning rate nothing moves, so they must
@@ -146,7 +152,7 @@ def test_cached_local_training_reports_the_epochs_accuracy_and_loss(
     by_label = sorted({s.label for s in every})
     samples = [s for n, lab in zip((6, 3, 2, 1), by_label, strict=True)
                for s in [x for x in every if x.label == lab][:n]]  # fmt: skip
-    monkeypatch.setattr(task, "_FEATURE_CACHES", {})
+    _count_features(monkeypatch, tmp_path)
     model = task.build_model(cfg)
     # Lean the random head towards the most common class, so accuracy is not a trivial 0.
     labels = [s.label for s in samples]
@@ -154,12 +160,37 @@ def test_cached_local_training_reports_the_epochs_accuracy_and_loss(
         model.get_classifier().bias[max(set(labels), key=labels.count)] += 5.0
     # Execute
     stats = task.train_local(model, samples, cfg, proximal_mu=0.0, server_round=1)
-    want, _, _ = task.evaluate_model(model, samples, cfg)
-    # Assert
+    want, _, _ = task.evaluate_model(model, samples, {**cfg, "cache-features": False})
+    # Assert (features are cached in bfloat16 where the CPU has it: the loss to 1 %)
     assert stats["num-examples"] == want["num-examples"] == 12
     assert 0.0 < want["accuracy"] < 1.0
     assert stats["accuracy"] == pytest.approx(want["accuracy"], abs=1e-9)
-    assert stats["loss"] == pytest.approx(want["loss"], rel=1e-4)
+    assert stats["loss"] == pytest.approx(want["loss"], rel=1e-2)
+
+
+def test_cached_evaluation_matches_the_full_model_and_reads_the_cache(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Breaks if evaluation on cached features drifts from the model on pixels (wrong view,
+    a flip where the model has none, stale features) or recomputes what is cached."""
+    # Prepare
+    cfg = _cfg(monkeypatch, **{"augment": False})
+    samples = _samples(phantom_dir)
+    calls = _count_features(monkeypatch, tmp_path)
+    model = task.build_model(cfg)
+    # Execute
+    cached, p_cached, y_cached = task.evaluate_model(model, samples, cfg)
+    after_first = calls[0]
+    again, _, _ = task.evaluate_model(model, samples, cfg)
+    pixels, p_pixels, y_pixels = task.evaluate_model(
+        model, samples, {**cfg, "cache-features": False}
+    )
+    # Assert
+    assert after_first == 2 and calls[0] == after_first  # 12 images / 8, one view, once
+    assert again == cached
+    assert list(y_cached) == list(y_pixels)
+    assert abs(p_cached - p_pixels).max() < 0.02  # bfloat16 features where the CPU has them
+    assert cached["loss"] == pytest.approx(pixels["loss"], rel=1e-2)
 
 
 def test_cached_epoch_applies_the_fedprox_term() -> None:
@@ -193,25 +224,3 @@ def test_cached_epoch_applies_the_fedprox_term() -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     with pytest.raises(ValueError, match="needs global_params"):
         train_epoch_cached(split, cache, opt, nn.CrossEntropyLoss(), proximal_mu=0.1)
-
-
-def test_caches_of_several_partitions_are_kept_within_the_memory_budget(
-    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Prepare: one simulation worker serving two partitions in turn
-    cfg = _cfg(monkeypatch, **{"local-epochs": 1})
-    samples = _samples(phantom_dir)
-    part_a, part_b = samples[:6], samples[6:]
-    calls = _count_features(monkeypatch)
-    # Execute
-    for part in (part_a, part_b, part_a, part_b):
-        task.train_local(task.build_model(cfg), part, cfg)
-    kept_both = calls[0]
-    monkeypatch.setattr(task, "_FEATURE_CACHE_BUDGET", 1)  # room for the newest cache only
-    task._FEATURE_CACHES.clear()
-    for part in (part_a, part_b, part_a):
-        task.train_local(task.build_model(cfg), part, cfg)
-    # Assert: 2 batches per 6-image partition
-    assert kept_both == 4  # each partition cached once, then reused
-    assert calls[0] - kept_both == 6  # a evicted by b, so built again
-    assert len(task._FEATURE_CACHES) == 1

@@ -80,21 +80,30 @@ def test_same_seed_builds_identical_models() -> None:
         assert torch.equal(va, vb)
 
 
-def test_demo_model_trains_its_whole_randomly_initialised_backbone() -> None:
-    # Prepare: the demo's run config (no pretrained weights anywhere), at the tests' 64 px.
-    from kidneyscan.federated.simulation import DEMO_MODEL_KWARGS
+def test_demo_trains_the_default_hybrids_head_on_one_cached_view(tmp_path: Path) -> None:
+    """Breaks if the demo leaves the CT-pretrained default (random or unfrozen backbone), its
+    head cannot run on cached features, or each hospital would extract two views."""
+    # Prepare: the demo's run config
+    from kidneyscan.federated.simulation import demo_config
+    from kidneyscan.models.frozen import FrozenSplit
 
-    cfg = task.run_config(
-        {"model": "hybrid", "model-kwargs": json.dumps(DEMO_MODEL_KWARGS), "image-size": 64}
-    )
+    prepared = {"num-clients": 3, "partition-file": "p.csv", "test-file": "t.csv",
+                "split-file": "s.csv"}  # fmt: skip
+    cfg = task.run_config(demo_config(tmp_path, prepared, rounds=1, local_epochs=1, seed=0))
 
     # Execute
     model = task.build_model(cfg)
+    split = FrozenSplit(model)
+    store = task.feature_store(split, cfg, task.build_preprocessor(cfg))
 
-    # Assert: freezing a random backbone (the hybrid's default 0.8) kept the demo at chance.
-    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen == []
-    assert set(task.trainable_keys(model)) >= {n for n, _ in model.named_parameters()}
+    # Assert
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert "backbone" not in trainable and trainable
+    from kidneyscan.models.factory import weights_provenance
+
+    assert (weights_provenance(model) or {}).get("source")  # CT weights, not random
+    assert store.views == ("orig",)
+    assert task.build_preprocessor(cfg).input_size == (224, 336)
 
 
 def test_only_trainable_tensors_travel_and_round_trip() -> None:

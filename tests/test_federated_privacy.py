@@ -99,6 +99,17 @@ def test_budget_bisection_is_consistent() -> None:
     assert not PrivacyAccountant(1.0, 1.0, 1e-5).would_exceed(1000)
 
 
+def test_noise_for_epsilon_hits_the_target_and_is_the_smallest() -> None:
+    from kidneyscan.federated.privacy import noise_for_epsilon
+
+    for eps, rounds in ((1.0, 3), (10.0, 5)):
+        z = noise_for_epsilon(eps, rounds=rounds, delta=1e-5)
+        assert PrivacyAccountant(z, 1.0, 1e-5).epsilon_after(rounds) <= eps
+        assert PrivacyAccountant(z * 0.99, 1.0, 1e-5).epsilon_after(rounds) > eps
+    with pytest.raises(PrivacyConfigError, match="epsilon"):
+        noise_for_epsilon(0.0, rounds=3)
+
+
 @pytest.mark.parametrize(
     ("mode", "wrapper"),
     [

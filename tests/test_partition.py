@@ -23,7 +23,7 @@ def _samples(n: int = 240, sites: int = 3) -> list[Sample]:
     ]
 
 
-@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "site"])
+@pytest.mark.parametrize("scheme", ["iid", "dirichlet", "site", "bands"])
 def test_partitions_are_disjoint_and_cover_everything(scheme: str) -> None:
     samples = _samples()
 
@@ -62,6 +62,21 @@ def test_same_seed_same_partitions_other_seed_differs() -> None:
 
     assert a == b
     assert a != c
+
+
+def test_band_partition_gives_each_client_contiguous_indices_of_every_class() -> None:
+    """Breaks if a client's images interleave with another's (a patient's neighbouring slices
+    would then sit in two hospitals) or a class is missing from a client."""
+    samples = _samples(240)
+
+    parts = partition_samples(samples, 3, scheme="bands")
+
+    for c in range(4):
+        ranges = [sorted(s.index for s in part if s.label == c) for part in parts]
+        assert all(len(r) == 20 for r in ranges)
+        assert ranges[0][-1] < ranges[1][0] and ranges[1][-1] < ranges[2][0]
+    with pytest.raises(PartitionError, match="bands"):
+        partition_samples(samples[:8], 3, scheme="bands")
 
 
 def test_site_partition_groups_by_site() -> None:

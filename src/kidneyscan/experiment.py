@@ -108,13 +108,13 @@ def input_width(cfg: ExperimentConfig) -> int:
         return cfg.image_size
 
 
-def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
-    """Create the configured model and the ``{"name", "kwargs"}`` spec that rebuilds it.
+def model_kwargs(cfg: ExperimentConfig) -> tuple[dict[str, Any], str | None]:
+    """The architecture keyword arguments of the configured model and its starting weights.
 
     For the hybrid, the input size follows the run's, and without pretrained or local weights
     nothing is frozen (``freeze_fraction=0``) unless the config says otherwise: freezing a
     randomly initialised backbone would only cripple it. Weights default to the model's offline
-    ones (:func:`run_weights`).
+    ones (:func:`run_weights`). Central and federated training both build models from this.
     """
     kwargs = dict(cfg.model_kwargs)
     weights = run_weights(cfg)
@@ -130,6 +130,13 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dic
             log.info("%s without pretrained weights: training the whole backbone", cfg.model)
     if cfg.in_chans != 3:
         kwargs.setdefault("in_chans", cfg.in_chans)
+    return kwargs, weights
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> tuple[nn.Module, dict[str, Any]]:
+    """Create the configured model (:func:`model_kwargs`) and the ``{"name", "kwargs"}`` spec
+    that rebuilds it."""
+    kwargs, weights = model_kwargs(cfg)
     model = create_classifier(
         cfg.model, num_classes, pretrained=cfg.pretrained, weights=weights, **kwargs
     )

@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 from kidneyscan.data.datasets import DataError, Sample, load_image
+from kidneyscan.engine import predict
 from kidneyscan.models.frozen import FrozenSplit
 from kidneyscan.preprocess.pipeline import Preprocessor
 
@@ -322,3 +323,27 @@ class CachedFeatures(Dataset[tuple[torch.Tensor, int]]):
         )
         gen = torch.Generator().manual_seed(int(seed))
         return DataLoader(ds, batch_size=batch_size, shuffle=train, generator=gen)
+
+
+def cached_logits(
+    split: FrozenSplit, feats: CachedFeatures, *, batch_size: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N, K)`` float32 and labels of the model's tail over cached features.
+
+    A model with test-time flipping (``flip_tta``) gets the mean over the stored views, as its
+    own forward pass on pixels would compute it.
+
+    Raises
+    ------
+    ValueError
+        The model averages a flipped view but only the original one is cached.
+    """
+    n_views = feats.features.shape[1]
+    tta = bool(getattr(split.model, "flip_tta", False))
+    if tta and n_views < 2:
+        raise ValueError("the model averages a flipped view (flip_tta) but none is cached")
+    outs = [
+        predict(split.tail, feats.loader(train=False, batch_size=batch_size, view=v))
+        for v in (range(n_views) if tta else range(1))
+    ]
+    return np.mean([o[0] for o in outs], axis=0).astype(np.float32), outs[0][1]

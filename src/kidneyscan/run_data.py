@@ -22,7 +22,7 @@ from kidneyscan.data.datasets import CLASSES, DataError, Sample, scan_dataset
 from kidneyscan.data.loaders import STONE_VS_NORMAL, make_loader, task_samples
 from kidneyscan.data.splits import load_split, make_split, save_split
 from kidneyscan.engine import predict
-from kidneyscan.features import CachedFeatures, FeatureStore, bf16_supported
+from kidneyscan.features import CachedFeatures, FeatureStore, bf16_supported, cached_logits
 from kidneyscan.models.frozen import FrozenSplit
 from kidneyscan.preprocess.pipeline import Preprocessor
 
@@ -198,24 +198,15 @@ def training_data(
         )
     tail = split.tail
 
-    def cached_logits(name: str) -> tuple[np.ndarray, np.ndarray]:
-        # The model's own test-time flip (flip_tta) is the mean over the stored views.
-        n_views = by_name[name].features.shape[1]
-        views = range(n_views) if getattr(split.model, "flip_tta", False) else range(1)
-        if getattr(split.model, "flip_tta", False) and n_views < 2:
-            raise ValueError("the model averages a flipped view (flip_tta) but none is cached")
-        outs = [
-            predict(tail, by_name[name].loader(train=False, batch_size=eval_bs, view=v))
-            for v in views
-        ]
-        return np.mean([o[0] for o in outs], axis=0).astype(np.float32), outs[0][1]
+    def by_name_logits(name: str) -> tuple[np.ndarray, np.ndarray]:
+        return cached_logits(split, by_name[name], batch_size=eval_bs)
 
     return TrainingData(
         tail,
         train_feats.loader(train=True, batch_size=tc.batch_size, seed=tc.seed),
         by_name["val"].loader(train=False, batch_size=eval_bs),
         by_name["train"].loader(train=False, batch_size=eval_bs) if tc.smote else None,
-        cached_logits,
+        by_name_logits,
         True,
         {
             "feature cache": str(store.folder),

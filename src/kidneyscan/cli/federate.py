@@ -29,6 +29,7 @@ class Partitioning(StrEnum):
     iid = "iid"
     dirichlet = "dirichlet"
     site = "site"
+    bands = "bands"
 
 
 @app.command()
@@ -48,7 +49,9 @@ def federate(
         StrategyName.fedavg, "--strategy", help="Aggregation strategy."
     ),
     partitioning: Partitioning = typer.Option(
-        Partitioning.dirichlet, "--partitioning", help="iid, dirichlet (label skew) or site."
+        Partitioning.dirichlet,
+        "--partitioning",
+        help="iid, dirichlet (label skew), site, or bands (by patient: contiguous index bands).",
     ),
     alpha: float = typer.Option(
         0.5, "--alpha", help="Dirichlet concentration; smaller = more label skew."
@@ -87,9 +90,9 @@ def federate(
     cache_features: bool = typer.Option(
         False,
         "--cache-features",
-        help="Clients compute the frozen backbone features of their images once and reuse them "
-        "every local epoch and round (hybrid with frozen ConvNeXt blocks only; no pixel "
-        "augmentation, feature maps are flipped instead).",
+        help="Clients compute the frozen backbone features of their images once, on disk "
+        "($KIDNEYSCAN_CACHE), and reuse them every local epoch, round and run (models with a "
+        "frozen prefix only; no pixel augmentation, stored flipped views instead).",
     ),
     dp: str = typer.Option(
         "none", "--dp", help="Differential privacy: none, server-fixed, client-fixed, ..."

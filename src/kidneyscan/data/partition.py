@@ -33,10 +33,11 @@ from typing import Any
 import numpy as np
 
 from kidneyscan.data.datasets import CLASSES, DataError, Sample
+from kidneyscan.data.grouping import index_bands
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("iid", "dirichlet", "site")
+SCHEMES = ("iid", "dirichlet", "site", "bands")
 CSV_FIELDS = ("partition", "path", "label", "class_name", "image_id", "index", "site")
 
 
@@ -62,7 +63,9 @@ def partition_samples(
     num_partitions
         Number of clients (hospitals), >= 1.
     scheme
-        ``"iid"``, ``"dirichlet"`` (label skew) or ``"site"`` (by ``Sample.site``).
+        ``"iid"``, ``"dirichlet"`` (label skew), ``"site"`` (by ``Sample.site``) or ``"bands"``
+        (by patient where IDs are unknown: client ``i`` gets contiguous index band ``i`` of
+        every class, :func:`kidneyscan.data.grouping.index_bands`; no patient is shared).
     alpha
         Dirichlet concentration (``dirichlet`` only); must be > 0. Smaller = more skew.
     min_samples
@@ -99,6 +102,8 @@ def partition_samples(
 
     if scheme == "site":
         parts = _by_site(samples, num_partitions)
+    elif scheme == "bands":
+        parts = _by_band(samples, num_partitions)
     elif scheme == "iid":
         parts = _with_flwr_datasets(samples, num_partitions, scheme, alpha, min_samples, seed)
     else:
@@ -129,6 +134,18 @@ def _by_site(samples: list[Sample], num_partitions: int) -> list[list[Sample]]:
             f"but {num_partitions} clients were requested; they must be equal"
         )
     return [[s for s in samples if str(s.site) == site] for site in sites]
+
+
+def _by_band(samples: list[Sample], num_partitions: int) -> list[list[Sample]]:
+    if num_partitions == 1:
+        return [samples]
+    try:
+        bands = index_bands(samples, num_partitions)
+    except DataError as exc:
+        raise PartitionError(f"'bands' partitioning: {exc}") from exc
+    return [
+        [s for s, b in zip(samples, bands, strict=True) if b == i] for i in range(num_partitions)
+    ]
 
 
 def _with_flwr_datasets(

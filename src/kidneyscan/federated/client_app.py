@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from kidneyscan.federated import task
+from kidneyscan.federated import logs, task
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ def _client_id(context: Context) -> dict[str, int]:
 
 
 def _train(msg: Message, context: Context) -> Message:
+    logs.from_env()
     cfg = task.run_config(context.run_config)
     config: Any = msg.content["config"]
     server_round = int(config.get("server-round", 1))
@@ -84,6 +85,7 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context) -> Message:
+    logs.from_env()
     cfg = task.run_config(context.run_config)
     model = task.build_model(cfg)
     task.from_named(model, _named(msg.content["arrays"]))

@@ -283,6 +283,41 @@ class PrivacyAccountant:
         }
 
 
+def noise_for_epsilon(
+    epsilon: float, *, rounds: int, sampling_rate: float = 1.0, delta: float = 1e-5
+) -> float:
+    """The smallest noise multiplier whose run of ``rounds`` rounds spends at most ``epsilon``.
+
+    Bisection on :meth:`PrivacyAccountant.epsilon_after` (epsilon falls as the noise grows), to
+    a relative precision of 1e-4.
+
+    Raises
+    ------
+    PrivacyConfigError
+        ``epsilon`` or ``rounds`` not positive, or a bad ``sampling_rate`` / ``delta``.
+    """
+    if not epsilon > 0:
+        raise PrivacyConfigError(f"epsilon must be > 0, got {epsilon}")
+    if rounds < 1:
+        raise PrivacyConfigError(f"rounds must be >= 1, got {rounds}")
+
+    def spent(z: float) -> float:
+        return PrivacyAccountant(z, sampling_rate, delta).epsilon_after(rounds)
+
+    lo, hi = 1e-3, 1.0
+    while spent(hi) > epsilon:
+        lo, hi = hi, hi * 2.0
+        if hi > 1e6:
+            raise PrivacyConfigError(f"no noise multiplier up to 1e6 reaches epsilon {epsilon}")
+    while hi - lo > 1e-4 * hi:
+        mid = (lo + hi) / 2.0
+        if spent(mid) > epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def _make_budgeted_class() -> type:
     """Create the budget-enforcing wrapper lazily so importing this module stays flwr-free."""
     from flwr.app import MetricRecord

@@ -25,17 +25,16 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from kidneyscan import engine
+from kidneyscan.config import ExperimentConfig
 from kidneyscan.data.datasets import CLASSES, Sample, scan_dataset
 from kidneyscan.data.loaders import make_loader
 from kidneyscan.data.partition import load_partition
-from kidneyscan.export.fasttrain import FeatureCache, train_epoch_cached
-from kidneyscan.models.factory import (
-    create_classifier,
-    model_entry,
-    model_preprocessor,
-    trainable_state_keys,
-)
+from kidneyscan.experiment import build_model as build_central_model
+from kidneyscan.experiment import make_preprocessor, model_kwargs
+from kidneyscan.features import VIEWS, CachedFeatures, FeatureStore, cached_logits
+from kidneyscan.models.factory import trainable_state_keys
 from kidneyscan.models.frozen import FrozenSplit
+from kidneyscan.preprocess.pipeline import Preprocessor
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +173,36 @@ def _validate(cfg: Mapping[str, Any]) -> None:
 # --------------------------------------------------------------------------- model
 
 
+def experiment_config(cfg: Mapping[str, Any]) -> ExperimentConfig:
+    """The run config's model and input as the central :class:`ExperimentConfig`.
+
+    Federated and central training then build the model (starting weights, input size, freeze
+    policy) and the preprocessing (steps, size, normalisation from the model's data config)
+    with the same functions, so their checkpoints are interchangeable. ``weights`` and
+    ``pretrained`` in ``model-kwargs`` say where the backbone starts; they are not part of the
+    architecture and so not of :func:`model_spec`.
+    """
+    kwargs = dict(json.loads(cfg["model-kwargs"]))
+    weights = kwargs.pop("weights", None)
+    pretrained = bool(kwargs.pop("pretrained", False))
+    try:
+        return ExperimentConfig(
+            model=str(cfg["model"]),
+            model_kwargs=kwargs,
+            image_size=int(cfg["image-size"]),
+            in_chans=int(cfg["in-chans"]),
+            steps=list(json.loads(cfg["preprocessing"])),
+            pretrained=pretrained,
+            weights=None if weights is None else str(weights),
+        )
+    except ValueError as exc:
+        raise FederatedConfigError(f"model / preprocessing settings: {exc}") from exc
+
+
 def model_spec(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The ``{"name", "kwargs"}`` entry stored in checkpoint metadata."""
-    kwargs = dict(json.loads(cfg["model-kwargs"]))
+    kwargs, _ = model_kwargs(experiment_config(cfg))
     kwargs.setdefault("in_chans", int(cfg["in-chans"]))
-    # The model's registry entry says how the input size reaches it and what to freeze
-    # without starting weights: the same rules as central training.
-    entry = model_entry(str(cfg["model"]))
-    for key, value in entry.input_kwargs(int(cfg["image-size"])).items():
-        kwargs.setdefault(key, value)
-    has_weights = bool(kwargs.get("pretrained") or kwargs.get("weights"))
-    for key, value in entry.freeze_kwargs(has_weights=has_weights).items():
-        kwargs.setdefault(key, value)
     return {"name": str(cfg["model"]), "kwargs": kwargs}
 
 
@@ -193,28 +210,21 @@ def build_model(cfg: Mapping[str, Any], classes: Sequence[str] = CLASSES) -> nn.
     """Create the classifier from the run config, seeded so every site builds the same weights.
 
     The frozen part of the backbone never travels: identical initialisation (same seed, or the
-    same local weights file in ``model-kwargs``) is what keeps it identical across sites.
+    same offline weights) is what keeps it identical across sites.
     """
-    spec = model_spec(cfg)
     torch.manual_seed(int(cfg["seed"]))
-    return create_classifier(spec["name"], len(classes), **spec["kwargs"])
+    model, _ = build_central_model(experiment_config(cfg), len(classes))
+    return model
 
 
-def build_preprocessor(cfg: Mapping[str, Any]) -> Any:
+def build_preprocessor(cfg: Mapping[str, Any]) -> Preprocessor:
     """The :class:`~kidneyscan.preprocess.pipeline.Preprocessor` used by every site and server.
 
-    Normalisation comes from the model's data config, exactly as in central training
-    (:func:`kidneyscan.models.factory.model_preprocessor`), so a federated checkpoint and a
-    central one built from the same config see the same input tensors.
+    The central run's (:func:`kidneyscan.experiment.make_preprocessor`): the kidney band's 3:2
+    width and the model's normalisation come from the same rules, so a federated checkpoint and
+    a central one built from the same config see the same input tensors.
     """
-    spec = model_spec(cfg)
-    return model_preprocessor(
-        spec["name"],
-        spec["kwargs"],
-        steps=list(json.loads(cfg["preprocessing"])),
-        image_size=int(cfg["image-size"]),
-        in_chans=int(cfg["in-chans"]),
-    )
+    return make_preprocessor(experiment_config(cfg))
 
 
 def trainable_keys(model: nn.Module) -> list[str]:
@@ -391,16 +401,7 @@ def train_local(
     }
 
 
-#: Frozen-prefix feature caches of this process, keyed by what determines the features (model
-#: spec, preprocessing and the exact images). A client process (or a simulation worker serving
-#: several partitions in turn) reuses the cache built the first time in every later round.
-_FEATURE_CACHES: dict[str, Any] = {}
-#: Bytes of cached features one process may hold; the oldest caches are evicted beyond it (the
-#: newest is always kept). Partitions of one simulation add up to the dataset, so this rarely bites.
-_FEATURE_CACHE_BUDGET = 2 * 1024**3
-
-
-def _cache_split(model: nn.Module) -> Any:
+def _cache_split(model: nn.Module) -> FrozenSplit | None:
     """The model's :class:`~kidneyscan.models.frozen.FrozenSplit`, or None (with a warning)."""
     try:
         return FrozenSplit(model)
@@ -411,88 +412,87 @@ def _cache_split(model: nn.Module) -> Any:
         return None
 
 
-def _feature_cache_key(samples: Sequence[Sample], cfg: Mapping[str, Any]) -> str:
-    spec = {
-        "model": model_spec(cfg),
-        "preprocessing": cfg["preprocessing"],
-        "image-size": int(cfg["image-size"]),
-        "in-chans": int(cfg["in-chans"]),
-        "seed": int(cfg["seed"]),
-        "images": [(str(s.path), int(s.label)) for s in samples],
-    }
-    return json.dumps(spec, sort_keys=True, default=str)
+def feature_store(split: FrozenSplit, cfg: Mapping[str, Any], pre: Preprocessor) -> FeatureStore:
+    """This site's on-disk cache of the frozen prefix (the central runs' :class:`FeatureStore`).
+
+    The flipped view is stored where training augments (it stands in for the pixel flip) or the
+    model averages it at test time; the cache root is ``$KIDNEYSCAN_CACHE`` or the user's cache.
+    """
+    wants_flip = bool(cfg["augment"]) or bool(getattr(split.model, "flip_tta", False))
+    return FeatureStore(split, pre, views=VIEWS if wants_flip else VIEWS[:1])
+
+
+def _cached_features(
+    split: FrozenSplit, samples: Sequence[Sample], cfg: Mapping[str, Any], pre: Preprocessor
+) -> CachedFeatures:
+    # FeatureStore logs (once) how many images it had to compute and where it keeps them.
+    return feature_store(split, cfg, pre).load(list(samples))
 
 
 def _train_local_cached(
-    split: Any,
+    split: FrozenSplit,
     samples: Sequence[Sample],
     cfg: Mapping[str, Any],
-    pre: Any,
+    pre: Preprocessor,
     *,
     seed: int,
     proximal_mu: float,
 ) -> dict[str, float]:
     """Local epochs on cached frozen-prefix features (same optimiser, loss and FedProx term).
 
-    The cache holds deterministic pixels (no pixel augmentation); with ``augment`` on,
-    :func:`~kidneyscan.export.fasttrain.train_epoch_cached` flips the feature maps instead.
-    The cache's fingerprint of the frozen weights is checked before it is reused: only
-    trainable tensors travel, so they stay equal, and a mismatch rebuilds the cache.
+    The features come from the on-disk :class:`~kidneyscan.features.FeatureStore` that central
+    training uses, computed the first time a site sees an image; the epochs run the engine's
+    one loop over the trainable tail, as a central cached run does. The cache holds
+    deterministic pixels: with ``augment`` on, each item is drawn from its stored original or
+    flipped view instead of a pixel augmentation.
     """
-    key = _feature_cache_key(samples, cfg)
-    cache = _FEATURE_CACHES.get(key)
-    if cache is not None and not cache.is_valid_for(split):
-        log.warning("cache-features: the frozen weights differ from the cached ones; rebuilding")
-        cache = None
-    if cache is None:
-        loader = make_loader(
-            list(samples), pre, train=False, batch_size=int(cfg["batch-size"]), augment=False
-        )
-        cache = FeatureCache(split, loader)
-        _FEATURE_CACHES.pop(key, None)
-        held = sum(c.nbytes for c in _FEATURE_CACHES.values())
-        while _FEATURE_CACHES and held + cache.nbytes > _FEATURE_CACHE_BUDGET:
-            held -= _FEATURE_CACHES.pop(next(iter(_FEATURE_CACHES))).nbytes
-        _FEATURE_CACHES[key] = cache
-        log.info(
-            "cache-features: cached frozen features of %d images (%d of %d backbone modules "
-            "frozen, %.1f MB); pixels are not augmented",
-            len(cache),
-            split.n_frozen_modules,
-            split.n_modules,
-            cache.nbytes / 1e6,
-        )
-        if cfg["augment"]:
-            # A departure from what augment=true asks for: say so where users see it.
-            log.warning(
-                "cache-features: pixel augmentation (augment=true) cannot apply to cached "
-                "features; pixels are not augmented, feature maps are flipped instead"
-            )
+    feats = _cached_features(split, samples, cfg, pre)
+    if cfg["augment"]:
+        log.info("cache-features: pixels are not augmented; stored flipped views stand in")
+    else:
+        feats = CachedFeatures(feats.features[:, :1], feats.labels, feats.rois, ["orig"])
     model = split.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
+    # The tail lists every parameter of the model in order, so the FedProx pairs line up.
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     stats: dict[str, float] = {}
     for epoch in range(int(cfg["local-epochs"])):
-        stats = train_epoch_cached(
-            split,
-            cache,
+        stats = engine.train_one_epoch(
+            split.tail,
+            feats.loader(train=True, batch_size=int(cfg["batch-size"]), seed=seed * 100 + epoch),
             optimizer,
-            loss_fn,
-            batch_size=int(cfg["batch-size"]),
-            seed=seed * 100 + epoch,
-            flip_p=0.5 if cfg["augment"] else 0.0,
+            loss_fn=loss_fn,
             proximal_mu=float(proximal_mu),
             global_params=global_params,
+            channels_last=False,
         )
     return {
         "loss": float(stats["loss"]),
         "accuracy": float(stats["accuracy"]),
         "num-examples": len(samples),
     }
+
+
+def _logits(
+    model: nn.Module, samples: Sequence[Sample], cfg: Mapping[str, Any], pre: Preprocessor
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of ``samples``: through the feature cache where it applies."""
+    batch = max(int(cfg["batch-size"]), 32)
+    split = None
+    if bool(cfg["cache-features"]):
+        try:
+            split = FrozenSplit(model)
+        except ValueError:
+            split = None  # train_local has said why already
+    if split is None:
+        model.eval()
+        return engine.predict(model, make_loader(list(samples), pre, train=False, batch_size=batch))
+    feats = _cached_features(split, samples, cfg, pre)
+    return cached_logits(split, feats, batch_size=batch)
 
 
 def evaluate_model(
@@ -510,11 +510,7 @@ def evaluate_model(
         integer labels (N,).
     """
 
-    loader = make_loader(
-        list(samples), build_preprocessor(cfg), train=False, batch_size=int(cfg["batch-size"])
-    )
-    model.eval()
-    logits, labels = engine.predict(model, loader)
+    logits, labels = _logits(model, samples, cfg, build_preprocessor(cfg))
     logits_t = torch.as_tensor(logits, dtype=torch.float32)
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     loss = float(nn.functional.cross_entropy(logits_t, labels_t).item())

@@ -18,6 +18,13 @@ from kidneyscan.data.phantom.anatomy import (
 from kidneyscan.data.phantom.canvas import SCALE, SHIFT, Canvas, deformed_ellipse
 from kidneyscan.data.phantom.sites import CLASSES
 
+#: Lesion diameters (mm) drawn by :func:`sample_lesions` (the issue's facts for the public data).
+CYST_DIAMETER_MM = (10.0, 80.0)
+TUMOR_DIAMETER_MM = (20.0, 120.0)
+STONE_DIAMETER_MM = (2.0, 20.0)
+#: Share of Stone patients scanned without contrast (stone protocols are unenhanced).
+STONE_UNENHANCED = 0.8
+
 
 def sample_lesions(
     rng: np.random.Generator, class_name: str, patient: Patient, level: float
@@ -27,7 +34,9 @@ def sample_lesions(
     if class_name == "Normal":
         return []
     if class_name == "Cyst":
-        radius = float(np.exp(rng.uniform(np.log(2.5), np.log(30.0))))
+        # 1-8 cm diameter, log-uniform: the public data's cysts are mostly several cm
+        lo, hi = CYST_DIAMETER_MM
+        radius = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / 2
         exophytic = rng.random() < 0.65
         ang = float(rng.uniform(0, 2 * math.pi))
         dist = float(rng.uniform(0.75, 1.05)) if exophytic else float(rng.uniform(0.2, 0.6))
@@ -47,10 +56,11 @@ def sample_lesions(
         n = 1 + int(rng.poisson(0.6))
         out = []
         for _ in range(n):
-            # sizes skew small like real stones; 1-20 mm diameter
-            diameter = float(np.clip(np.exp(rng.normal(np.log(5.0), 0.6)), 1.0, 20.0))
+            # sizes skew small like real stones; 2-20 mm diameter
+            diameter = float(np.clip(np.exp(rng.normal(np.log(6.0), 0.55)), *STONE_DIAMETER_MM))
             composition = rng.random()
-            hu = rng.uniform(200, 500) if composition < 0.25 else rng.uniform(600, 1500)
+            # uric acid (a quarter) or calcium oxalate
+            hu = rng.uniform(300, 500) if composition < 0.25 else rng.uniform(600, 1500)
             out.append(
                 Lesion(
                     "stone",
@@ -66,9 +76,11 @@ def sample_lesions(
             )
         return out
     if class_name == "Tumor":
-        radius = float(np.exp(rng.uniform(np.log(8.0), np.log(40.0))))
+        # 2-12 cm diameter: masses that bulge out of the kidney and deform its outline
+        lo, hi = TUMOR_DIAMETER_MM
+        radius = float(np.exp(rng.uniform(np.log(lo), np.log(hi)))) / 2
         ang = float(rng.uniform(0, 2 * math.pi))
-        dist = float(rng.uniform(0.45, 0.95))
+        dist = float(rng.uniform(0.55, 1.0))
         return [
             Lesion(
                 "tumor",
@@ -79,7 +91,7 @@ def sample_lesions(
                 float(rng.uniform(30, 60)),
                 level,
                 max(radius / 110.0, 0.08),
-                necrotic=bool(rng.random() < 0.4 and radius > 12),
+                necrotic=bool(rng.random() < 0.6 and radius > 12),
                 shape=random_harmonics(rng, 7, 0.35),
             )
         ]
@@ -139,7 +151,8 @@ def draw_lesions(
             cells = tex.standard_normal((5, 5), dtype=np.float32)
             patch = cv2.resize(cells, (w, h), interpolation=cv2.INTER_CUBIC)[ys - y0, xs - x0]
             grain = tex.normal(0, 4, ys.size).astype(np.float32)
-            vals = les.hu + enh * (0.7 + 0.5 * patch) + 10.0 * patch + grain
+            # heterogeneous on every phase (haemorrhage, fibrosis), more so where it enhances
+            vals = les.hu + enh * (0.7 + 0.6 * patch) + 18.0 * patch + grain
             if les.necrotic:
                 nec = np.zeros_like(local)
                 cv.fill(deformed_ellipse(x, y, 0.45 * r, 0.4 * r, ang, les.shape[4:]), 1, nec)

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 from rich.progress import Progress
 
+from kidneyscan.data.phantom.lesions import STONE_UNENHANCED
 from kidneyscan.data.phantom.render import PhantomSlice, iter_patient_slices
 from kidneyscan.data.phantom.sites import CLASSES, PHASES, SiteProfile, make_sites
 
@@ -114,13 +115,20 @@ def _plan(n: int, seed: int, sites: list[SiteProfile]) -> dict[str, list[_Job]]:
 def _assign_phases(jobs: list[_Job], site: SiteProfile, rng: np.random.Generator) -> None:
     """Give each patient of one (site, class) cell a contrast phase, stratified by images.
 
+    Every class gets the site's rates except Stone, scanned without contrast in
+    :data:`~kidneyscan.data.phantom.lesions.STONE_UNENHANCED` of its images.
+
     Drawing the phase independently per patient leaves, in small sets, chance differences of
     20-30 points in the enhanced share between classes: a contrast shortcut. Assigning phases
     greedily to the phase furthest below its target image count keeps every class at the
     site's own rates.
     """
-    p_art = site.contrast_prob * site.arterial_fraction
-    target = np.array([1.0 - site.contrast_prob, p_art, site.contrast_prob - p_art])
+    contrast = site.contrast_prob
+    if jobs and jobs[0].class_name == "Stone":
+        # stone protocols are unenhanced: the real data's stones are mostly on plain scans
+        contrast = min(contrast, 1.0 - STONE_UNENHANCED)
+    p_art = contrast * site.arterial_fraction
+    target = np.array([1.0 - contrast, p_art, contrast - p_art])
     done = np.zeros(3)
     for i in rng.permutation(len(jobs)):
         total = done.sum() + jobs[i].slices
