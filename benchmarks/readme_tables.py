@@ -45,9 +45,7 @@ def section(path: Path) -> str:
 
 SOURCES = {
     "real_sample": lambda: tables(RESULTS / "real_sample.md"),
-    "federated": lambda: (
-        tables(RESULTS / "federated_real.md") + "\n\n" + tables(RESULTS / "federated_phantom.md")
-    ),
+    "federated": lambda: tables(RESULTS / "federated_ct.md"),
     "epsilon": lambda: tables(RESULTS / "federated_deploy.md", first=1),
     "deploy": lambda: tables(RESULTS / "federated_deploy.md").split("\n\n", 1)[-1],
     "phantom_speed": lambda: tables(RESULTS / "phantom_speed.md"),

@@ -101,7 +101,13 @@ def test_demo_trains_the_default_hybrids_head_on_one_cached_view(tmp_path: Path)
     assert "backbone" not in trainable and trainable
     from kidneyscan.models.factory import weights_provenance
 
-    assert (weights_provenance(model) or {}).get("source")  # CT weights, not random
+    provenance = weights_provenance(model) or {}
+    # The offline CT encoder (deflated I3D kernels), not random or ImageNet weights.
+    assert provenance.get("source", "").startswith("astra")
+    assert provenance.get("deflated", 0) > 100
+    from kidneyscan.models.ct_resnet import ASTRA_SHA256
+
+    assert provenance.get("sha256") == ASTRA_SHA256
     assert store.views == ("orig",)
     assert task.build_preprocessor(cfg).input_size == (224, 336)
 
@@ -290,6 +296,9 @@ def test_two_round_simulation_writes_a_servable_checkpoint(federated_run: tuple)
     assert meta["classes"] == ["Cyst", "Normal", "Stone", "Tumor"]
     assert meta["preprocessing"]["image_size"] == 64
     assert meta["training"]["mode"] == "federated"
+    # Calibrated like a central checkpoint: the sites' pooled NLL curve picks the temperature.
+    assert meta["temperature"] == selected["val-temperature"] in task.TEMPERATURES
+    assert metrics["temperature"] == meta["temperature"]
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 4)
     assert (out / "curves.png").stat().st_size > 0
     assert (out / "metrics.json").is_file()
@@ -403,3 +412,42 @@ def test_hybrid_without_weights_trains_its_whole_backbone() -> None:
         }
     )
     assert "freeze_fraction" not in task.model_spec(with_weights)["kwargs"]
+
+
+def test_pooled_site_nll_curves_give_the_central_temperature() -> None:
+    """Breaks if the sites' NLL curves are pooled without their sizes, or the pick is not the
+    pooled minimum: the temperature must be the one central temperature scaling fits on all
+    hold-out logits together (within one step of the grid)."""
+    # Prepare: a big overconfident site and a small underconfident one
+    from flwr.app import MetricRecord, RecordDict
+
+    from kidneyscan.evaluation.calibration import fit_temperature
+    from kidneyscan.federated.strategies import _metrics_aggr
+
+    rng = np.random.default_rng(0)
+    sites = []
+    for n, scale in ((400, 4.0), (40, 0.3)):
+        labels = rng.integers(0, 4, n)
+        logits = rng.normal(0, 1, (n, 4))
+        logits[np.arange(n), labels] += 1.0
+        sites.append((logits * scale, labels))
+    replies = [
+        RecordDict({"metrics": MetricRecord({
+            "eval-nll-by-temperature": task.nll_by_temperature(z, y), "num-examples": len(y)})})
+        for z, y in sites
+    ]  # fmt: skip
+
+    # Execute: the strategies' metric aggregation, then the server's pick
+    pooled = _metrics_aggr(replies, "num-examples")["eval-nll-by-temperature"]
+    picked = task.pick_temperature(pooled)
+
+    # Assert
+    central = fit_temperature(
+        np.concatenate([z for z, _ in sites]), np.concatenate([y for _, y in sites])
+    )
+    step = np.log(task.TEMPERATURES[1] / task.TEMPERATURES[0])
+    assert abs(np.log(picked / central)) <= step
+    unweighted = np.mean([task.nll_by_temperature(z, y) for z, y in sites], axis=0)
+    assert abs(np.log(task.pick_temperature(list(unweighted)) / central)) > step  # sensitive
+    with pytest.raises(ValueError, match="expected 49"):
+        task.pick_temperature([1.0, 2.0])

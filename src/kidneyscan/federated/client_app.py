@@ -56,6 +56,11 @@ def _client_id(context: Context) -> dict[str, int]:
     return {"partition-id": int(pid)} if pid is not None else {}
 
 
+def _unit_weight(cfg: dict[str, Any]) -> dict[str, int]:
+    # Under DP the strategy averages uniformly by this key (see task.UNIT_WEIGHT_KEY).
+    return {task.UNIT_WEIGHT_KEY: 1} if task.uses_dp(cfg) else {}
+
+
 def _train(msg: Message, context: Context) -> Message:
     logs.from_env()
     cfg = task.run_config(context.run_config)
@@ -77,6 +82,7 @@ def _train(msg: Message, context: Context) -> Message:
             "num-examples": int(stats["num-examples"]),
             "bytes-sent": sent,
             **_client_id(context),
+            **_unit_weight(cfg),
         }
     )
     arrays = ArrayRecord({k: Array(v) for k, v in named.items()})
@@ -93,14 +99,18 @@ def _evaluate(msg: Message, context: Context) -> Message:
     train, val = task.split_local(samples, float(cfg["local-val-fraction"]), int(cfg["seed"]))
     # Without a local hold-out the global model is scored on the site's training images,
     # which still shows how well one model fits every hospital.
-    scalars, _, _ = task.evaluate_model(model, val or train, cfg)
+    logits, labels = task.evaluate_logits(model, val or train, cfg)
+    scalars, _ = task.scores(logits, labels)
     metrics = MetricRecord(
         {
             "eval-loss": scalars["loss"],
             "eval-accuracy": scalars["accuracy"],
             "eval-macro-f1": scalars["macro-f1"],
+            # The site's calibration curve (mean NLL per temperature), averaged by the server.
+            "eval-nll-by-temperature": task.nll_by_temperature(logits, labels),
             "num-examples": int(scalars["num-examples"]),
             **_client_id(context),
+            **_unit_weight(cfg),
         }
     )
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

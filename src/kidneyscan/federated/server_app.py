@@ -198,6 +198,13 @@ def _round_row(
         row["val-loss"] = float(eval_m.get("eval-loss", np.nan))
         row["val-accuracy"] = float(eval_m.get("eval-accuracy", np.nan))
         row["val-macro-f1"] = float(eval_m.get("eval-macro-f1", np.nan))
+        curve = eval_m.get("eval-nll-by-temperature")
+        if isinstance(curve, list) and curve:
+            # Pooled over the sites' hold-outs (weighted as the strategy weighs sites): the model's
+            # temperature, as central training fits it on its validation split.
+            temperature = task.pick_temperature(curve)
+            row["val-temperature"] = temperature
+            row["val-nll-calibrated"] = float(np.nanmin(curve))
     row["clients"] = [
         {
             k: v
@@ -260,7 +267,8 @@ def _metadata(
         "model": task.model_spec(cfg),
         "classes": list(CLASSES),
         "preprocessing": pre.to_dict(),
-        "temperature": 1.0,  # the server holds no validation images to calibrate on
+        # Fitted on the sites' hold-outs from their NLL curves; 1.0 without federated validation.
+        "temperature": float(row.get("val-temperature", 1.0)),
         "metrics": dict(metrics),
         "split_file": str(cfg.get("split-file") or cfg.get("test-file", "")),
         "task": "multiclass",
@@ -278,10 +286,13 @@ def _metadata(
 
 
 def _full_test_metrics(
-    model: Any, cfg: Mapping[str, Any], test: list[Sample]
+    model: Any, cfg: Mapping[str, Any], test: list[Sample], temperature: float = 1.0
 ) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
-    _, probs, labels = task.evaluate_model(model, test, cfg)
+    logits, labels = task.evaluate_logits(model, test, cfg)
+    _, probs = task.scores(np.asarray(logits) / temperature, labels)
+    labels = np.asarray(labels)
     metrics = dict(classification_metrics(labels, probs, list(CLASSES)))
+    metrics["temperature"] = float(temperature)
     lo, hi = bootstrap_ci(labels, probs, macro_f1, n=1000, seed=0)
     metrics["ci95"] = {"macro_f1": [float(lo), float(hi)]}
     return metrics, probs, labels
@@ -382,7 +393,7 @@ def _finish(out: Path, cfg: Mapping[str, Any], state: dict[str, Any], test: list
     if not test or not (ckpt / "metadata.json").is_file():
         return
     model, meta = load_checkpoint(ckpt)
-    metrics, probs, labels = _full_test_metrics(model, cfg, test)
+    metrics, probs, labels = _full_test_metrics(model, cfg, test, float(meta["temperature"]))
     metrics["federated"] = json.loads(json.dumps(summary, default=float))
     write_report(
         out,

@@ -28,6 +28,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
+from kidneyscan.federated import task
+
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
@@ -118,6 +120,8 @@ def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
         "train_metrics_aggr_fn": _metrics_aggr,
         "evaluate_metrics_aggr_fn": _metrics_aggr,
     }
+    if task.uses_dp(cfg):
+        common["weighted_by_key"] = task.UNIT_WEIGHT_KEY
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedprox":

@@ -29,6 +29,7 @@ from kidneyscan.config import ExperimentConfig
 from kidneyscan.data.datasets import CLASSES, Sample, scan_dataset
 from kidneyscan.data.loaders import make_loader
 from kidneyscan.data.partition import load_partition
+from kidneyscan.evaluation.calibration import nll
 from kidneyscan.experiment import build_model as build_central_model
 from kidneyscan.experiment import make_preprocessor, model_kwargs
 from kidneyscan.features import VIEWS, CachedFeatures, FeatureStore, cached_logits
@@ -89,6 +90,17 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "dp-delta": 1e-5,
     "dp-epsilon-budget": 0.0,
 }
+
+
+#: Train/evaluate metric every client sends as 1 under differential privacy. The strategy then
+#: averages by it (uniformly) instead of by ``num-examples``: the noise is calibrated to one
+#: site's clipped update weighing 1/n of the mean, which a bigger site's weight would exceed.
+UNIT_WEIGHT_KEY = "unit-weight"
+
+
+def uses_dp(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run config turns differential privacy on (any ``dp`` mode but ``none``)."""
+    return str(cfg.get("dp", "none")).lower() != "none"
 
 
 class FederatedConfigError(ValueError):
@@ -495,22 +507,44 @@ def _logits(
     return cached_logits(split, feats, batch_size=batch)
 
 
-def evaluate_model(
-    model: nn.Module,
-    samples: Sequence[Sample],
-    cfg: Mapping[str, Any],
-    classes: Sequence[str] = CLASSES,
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Evaluate ``model`` on ``samples``.
+#: Temperatures at which every site scores the global model on its hold-out. The server picks
+#: the one with the lowest pooled NLL: temperature scaling (Guo et al., 2017) from aggregate
+#: numbers only, as no site's logits leave it.
+TEMPERATURES: tuple[float, ...] = tuple(float(t) for t in np.geomspace(0.2, 10.0, 49))
 
-    Returns
-    -------
-    scalars, probs, labels
-        ``loss``, ``accuracy``, ``macro-f1``, ``num-examples``; softmax probabilities (N, C);
-        integer labels (N,).
+
+def nll_by_temperature(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    """Mean NLL of ``softmax(logits / T)`` at every ``T`` of :data:`TEMPERATURES`."""
+    return [nll(logits, labels, t) for t in TEMPERATURES]
+
+
+def pick_temperature(curve: Sequence[float]) -> float:
+    """The temperature of the lowest pooled NLL in a (site-weighted) :func:`nll_by_temperature`.
+
+    Raises
+    ------
+    ValueError
+        If ``curve`` does not have one value per entry of :data:`TEMPERATURES`.
     """
+    if len(curve) != len(TEMPERATURES):
+        raise ValueError(
+            f"NLL curve has {len(curve)} values, expected {len(TEMPERATURES)} (one per "
+            "temperature of task.TEMPERATURES; are server and clients the same version?)"
+        )
+    return TEMPERATURES[int(np.nanargmin(np.asarray(curve, dtype=np.float64)))]
 
-    logits, labels = _logits(model, samples, cfg, build_preprocessor(cfg))
+
+def evaluate_logits(
+    model: nn.Module, samples: Sequence[Sample], cfg: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits ``(N, C)`` and labels ``(N,)`` of ``samples`` (through the feature cache if on)."""
+    return _logits(model, samples, cfg, build_preprocessor(cfg))
+
+
+def scores(
+    logits: np.ndarray, labels: np.ndarray, classes: Sequence[str] = CLASSES
+) -> tuple[dict[str, float], np.ndarray]:
+    """``loss``, ``accuracy``, ``macro-f1``, ``num-examples`` and the softmax probabilities."""
     logits_t = torch.as_tensor(logits, dtype=torch.float32)
     labels_t = torch.as_tensor(labels, dtype=torch.long)
     loss = float(nn.functional.cross_entropy(logits_t, labels_t).item())
@@ -524,6 +558,25 @@ def evaluate_model(
                 labels, pred, labels=list(range(len(classes))), average="macro", zero_division=0
             )
         ),
-        "num-examples": len(samples),
+        "num-examples": len(labels),
     }
+    return scalars, probs
+
+
+def evaluate_model(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    cfg: Mapping[str, Any],
+    classes: Sequence[str] = CLASSES,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Evaluate ``model`` on ``samples``.
+
+    Returns
+    -------
+    scalars, probs, labels
+        ``loss``, ``accuracy``, ``macro-f1``, ``num-examples``; softmax probabilities (N, C)
+        at temperature 1; integer labels (N,).
+    """
+    logits, labels = evaluate_logits(model, samples, cfg)
+    scalars, probs = scores(logits, labels, classes)
     return scalars, probs, np.asarray(labels)
