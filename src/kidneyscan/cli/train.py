@@ -395,9 +395,9 @@ def compare(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="Demo run folder."),
     n: int = typer.Option(600, "--n", help="Phantom images to generate."),
-    rounds: int = typer.Option(4, "--rounds", min=1, help="Federated rounds."),
+    rounds: int = typer.Option(8, "--rounds", min=1, help="Federated rounds."),
     local_epochs: int = typer.Option(
-        2,
+        1,
         "--epochs",
         "--local-epochs",
         min=1,

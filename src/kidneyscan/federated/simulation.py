@@ -254,8 +254,8 @@ def demo_federated(
     out_dir: str | Path,
     *,
     n: int = 600,
-    rounds: int = 4,
-    local_epochs: int = 2,
+    rounds: int = 8,
+    local_epochs: int = 1,
     sites: int = 3,
     seed: int = 0,
 ) -> dict[str, Any]:
