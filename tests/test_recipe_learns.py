@@ -61,8 +61,9 @@ def test_default_recipe_beats_the_bar_on_unseen_patients(
     assert res.metrics["ece"] <= 0.25
 
 
-#: Measured: 0.00 on this split (see below); chance is 0.25.
-MIN_FEDERATED_MACRO_F1 = 0.5
+#: Measured: 0.587 on this split (93 test images of band 4, round 6 selected, ECE 0.08; 162 s of
+#: rounds on 2 shared cores); chance is 0.25. Below the central 0.68, as in the benchmark.
+MIN_FEDERATED_MACRO_F1 = 0.45
 
 
 def test_federated_default_recipe_beats_the_bar_on_unseen_patients(
