@@ -17,7 +17,8 @@ project's RDP accountant (:func:`kidneyscan.federated.privacy.noise_for_epsilon`
 Writes ``benchmarks/results/federated_ct.{json,md}``::
 
     python benchmarks/federated_real.py [--rounds 6] [--local-epochs 1] [--seeds 0 1 2]
-        [--site-batch-size 11] [--runs centralized,fedavg,fedprox,fedadam] [--epsilons 1 3 10]
+        [--site-batch-size 11] [--runs centralized,fedavg,fedprox,fedadam,fedavgm,fedavgm05]
+        [--epsilons 1 3 10]
 
 The budget is the same for every run: ``rounds x local_epochs`` passes over every image and,
 with the 3 sites at batch 11 (the central batch 32 / 3), the same number of optimiser steps
@@ -65,12 +66,16 @@ RUNS: dict[str, tuple[int, dict[str, Any]]] = {
     "fedavg": (3, {"strategy": "fedavg"}),
     "fedprox": (3, {"strategy": "fedprox", "proximal-mu": 0.01}),
     "fedadam": (3, {"strategy": "fedadam", "server-lr": 0.01, "server-tau": 0.001}),
+    "fedavgm": (3, {"strategy": "fedavgm", "server-momentum": 0.9, "fedavgm-server-lr": 1.0}),
+    "fedavgm05": (3, {"strategy": "fedavgm", "server-momentum": 0.5, "fedavgm-server-lr": 1.0}),
 }
 LABELS = {
     "centralized": "centralized (1 site, whole pool)",
     "fedavg": "FedAvg",
     "fedprox": "FedProx (mu = 0.01)",
     "fedadam": "FedAdam (server lr 0.01)",
+    "fedavgm": "FedAvgM (server momentum 0.9, server lr 1)",
+    "fedavgm05": "FedAvgM (server momentum 0.5, server lr 1)",
 }
 DP_CLIP = 5.0
 

@@ -52,3 +52,12 @@ def real_data() -> Path:
     if not (REAL_DATA / "kidneyData.csv").is_file():
         pytest.skip(f"real CT-KIDNEY sample not found at {REAL_DATA}")
     return REAL_DATA
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower stamps messages with the running task's ids; outside a Flower process set them."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)

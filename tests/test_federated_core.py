@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from flower_helpers import train_round
 from kidneyscan.federated import task
 from kidneyscan.federated.strategies import (
     RecordingStrategy,
@@ -53,6 +54,8 @@ def test_run_config_precedence_and_coercion(monkeypatch: pytest.MonkeyPatch) -> 
         ({"fraction-train": 1.5}, "fraction-train must be in"),
         ({"model-kwargs": "{oops"}, "model-kwargs must be JSON"),
         ({"augment": "maybe"}, "augment='maybe' is not a valid bool"),
+        ({"server-momentum": 1.0}, r"server-momentum must be in \[0, 1\)"),
+        ({"fedavgm-server-lr": 0.0}, "fedavgm-server-lr must be > 0"),
     ],
 )
 def test_bad_run_config_is_named(override: dict, message: str) -> None:
@@ -157,6 +160,7 @@ def test_mismatched_arrays_are_rejected_with_names() -> None:
     ("name", "cls_name"),
     [
         ("fedavg", "FedAvg"),
+        ("fedavgm", "FedAvgM"),
         ("fedprox", "FedProx"),
         ("fedadam", "FedAdam"),
         ("fedyogi", "FedYogi"),
@@ -174,6 +178,9 @@ def test_strategy_selection(name: str, cls_name: str) -> None:
     assert strategy.min_train_nodes == 3
     if name == "fedprox":
         assert strategy.proximal_mu == pytest.approx(0.1)
+    if name == "fedavgm":  # the run config's server momentum and rate, not Flower's defaults
+        assert strategy.server_momentum == pytest.approx(task.DEFAULTS["server-momentum"])
+        assert strategy.server_learning_rate == pytest.approx(task.DEFAULTS["fedavgm-server-lr"])
 
 
 def test_unknown_strategy_is_named() -> None:
@@ -210,6 +217,24 @@ def test_build_strategy_runs_the_robustness_check() -> None:
 
     with pytest.raises(StrategyError, match="Krum"):
         build_strategy(cfg)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_fedavgm_applies_server_momentum_through_the_recorder() -> None:
+    """Breaks if FedAvgM is not what ``fedavgm`` builds, loses its round-1 reference weights
+    behind the recorder, or ignores the run config's momentum / rate: with every site moving
+    the model by -1 each round, round 2 must move it by lr * (1 + momentum), plain FedAvg by 1."""
+    cfg = task.run_config(
+        {"strategy": "fedavgm", "min-clients": 3, "server-momentum": 0.5, "fedavgm-server-lr": 2.0}
+    )
+    strategy = RecordingStrategy(build_strategy(cfg))
+    w0 = np.full(4, 10.0, np.float32)
+
+    w1 = train_round(strategy, 1, w0, [w0 - 1] * 3, [5, 5, 5])
+    w2 = train_round(strategy, 2, w1, [w1 - 1] * 3, [5, 5, 5])
+
+    np.testing.assert_allclose(w1, w0 - 2.0 * 1.0, rtol=1e-6)
+    np.testing.assert_allclose(w2, w1 - 2.0 * (0.5 * 1.0 + 1.0), rtol=1e-6)
 
 
 def test_recorder_delegates_to_inner_strategy() -> None:

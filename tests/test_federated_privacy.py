@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from flower_helpers import train_round
 from kidneyscan.federated import privacy
 from kidneyscan.federated.privacy import DPConfig, PrivacyAccountant, PrivacyConfigError
 
@@ -263,26 +264,9 @@ def test_federate_cli_passes_the_dp_settings_to_the_run_config(
     assert (seen["dp-delta"], seen["dp-epsilon-budget"]) == (1e-6, 7.0)
 
 
-class _Grid:
-    """The one Grid call a strategy's ``configure_train`` makes: which nodes are connected."""
-
-    def get_node_ids(self) -> list[int]:
-        return [1, 2, 3]
-
-
-@pytest.fixture
-def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Messages are stamped with the running task's ids; outside a Flower process set them.
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 def _dp_round(noise: float, clip: float, updates: list, sizes: list[int]):  # type: ignore[no-untyped-def]
     """One DP FedAvg round of the product's strategy on hand-made client updates (from zero)."""
     import numpy as np
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
     from kidneyscan.federated import task
     from kidneyscan.federated.strategies import build_strategy
@@ -290,23 +274,10 @@ def _dp_round(noise: float, clip: float, updates: list, sizes: list[int]):  # ty
     dp = {"dp": "server-fixed", "dp-noise-multiplier": noise, "dp-clipping-norm": clip}
     cfg = task.run_config({**dp, "min-clients": 3, "num-clients": 3})
     strategy = privacy.wrap_strategy(build_strategy(cfg), cfg)
-    start = ArrayRecord({"w": Array(np.zeros_like(updates[0]))})
-    sent = list(strategy.configure_train(1, start, ConfigRecord(), _Grid()))
-    replies = [
-        Message(
-            RecordDict({
-                "arrays": ArrayRecord({"w": Array(u.copy())}),
-                "metrics": MetricRecord({"num-examples": n, task.UNIT_WEIGHT_KEY: 1}),
-            }),
-            reply_to=msg,
-        )
-        for msg, u, n in zip(sent, updates, sizes, strict=True)
-    ]  # fmt: skip
-    arrays, _ = strategy.aggregate_train(1, replies)
-    return arrays["w"].numpy()
+    return train_round(strategy, 1, np.zeros_like(updates[0]), updates, sizes)
 
 
-@pytest.mark.usefixtures("_task_identity")
+@pytest.mark.usefixtures("task_identity")
 def test_dp_updates_are_clipped_to_the_bound_and_averaged_uniformly() -> None:
     """Breaks if a site's update is not clipped to the bound, or the DP average weighs sites by
     their sizes (a big site would then move the model by more than the noise is calibrated to).
@@ -326,7 +297,7 @@ def test_dp_updates_are_clipped_to_the_bound_and_averaged_uniformly() -> None:
     assert np.linalg.norm(agg) <= clip + 1e-4
 
 
-@pytest.mark.usefixtures("_task_identity")
+@pytest.mark.usefixtures("task_identity")
 def test_dp_noise_on_the_update_has_the_configured_standard_deviation() -> None:
     """Breaks if the noise added to the global update is not Gaussian with standard deviation
     noise_multiplier x clipping_norm / sites (measured on 200,000 coordinates of a ~zero update)."""

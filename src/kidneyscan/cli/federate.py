@@ -15,6 +15,7 @@ class StrategyName(StrEnum):
     """Aggregation strategies (Flower's)."""
 
     fedavg = "fedavg"
+    fedavgm = "fedavgm"
     fedprox = "fedprox"
     fedadam = "fedadam"
     fedyogi = "fedyogi"

@@ -19,6 +19,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedProx,
     FedTrimmedAvg,
@@ -32,7 +33,16 @@ from kidneyscan.federated import task
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = (
+    "fedavg",
+    "fedavgm",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+)
 #: Metric keys that identify a client; reported per client, never averaged.
 CLIENT_KEYS = ("partition-id",)
 
@@ -74,7 +84,7 @@ def check_robustness(strategy: str, num_clients: int, attackers: int, beta: floa
             f"FedTrimmedAvg with beta={beta} trims {math.floor(beta * n)} of {n} clients at each "
             f"end, fewer than the {f} assumed attacker(s); raise min-clients or trimmed-beta"
         )
-    if strategy in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+    if strategy in ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"):
         raise StrategyError(
             f"{strategy} is not robust to attackers ({f} assumed attacker(s)); use krum, "
             "fedmedian or fedtrimmedavg"
@@ -97,7 +107,8 @@ def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
 
     Keys used: ``strategy``, ``fraction-train``, ``fraction-evaluate``, ``min-clients``,
     ``assumed-attackers``, ``proximal-mu`` (FedProx), ``server-lr`` / ``server-tau`` (FedAdam,
-    FedYogi), ``trimmed-beta`` (FedTrimmedAvg).
+    FedYogi), ``server-momentum`` / ``fedavgm-server-lr`` (FedAvgM), ``trimmed-beta``
+    (FedTrimmedAvg).
 
     Raises
     ------
@@ -124,6 +135,12 @@ def build_strategy(cfg: Mapping[str, Any]) -> Strategy:
         common["weighted_by_key"] = task.UNIT_WEIGHT_KEY
     if name == "fedavg":
         return FedAvg(**common)
+    if name == "fedavgm":
+        return FedAvgM(
+            **common,
+            server_learning_rate=float(cfg["fedavgm-server-lr"]),
+            server_momentum=float(cfg["server-momentum"]),
+        )
     if name == "fedprox":
         return FedProx(**common, proximal_mu=float(cfg["proximal-mu"]))
     if name == "fedadam":

@@ -60,6 +60,9 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "proximal-mu": 0.01,
     "server-lr": 0.01,
     "server-tau": 0.001,
+    # FedAvgM (Hsu et al., 2019): SGD with momentum on the averaged update, at the server.
+    "server-momentum": 0.9,
+    "fedavgm-server-lr": 1.0,
     "model": "convnext_atto",
     "model-kwargs": "{}",
     "image-size": 64,
@@ -175,6 +178,12 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         )
     if cfg["lr"] <= 0:
         raise FederatedConfigError(f"lr must be > 0, got {cfg['lr']}")
+    if not 0.0 <= cfg["server-momentum"] < 1.0:
+        raise FederatedConfigError(
+            f"server-momentum must be in [0, 1), got {cfg['server-momentum']}"
+        )
+    if cfg["fedavgm-server-lr"] <= 0:
+        raise FederatedConfigError(f"fedavgm-server-lr must be > 0, got {cfg['fedavgm-server-lr']}")
     for key in ("model-kwargs", "preprocessing"):
         try:
             json.loads(cfg[key])
