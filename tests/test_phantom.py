@@ -150,6 +150,21 @@ def test_masks_and_lesion_hu_are_consistent(class_name: str) -> None:
             assert 10 <= values.mean() <= 200 and values.std() > 2
 
 
+def test_kidneys_lie_in_a_rim_of_perirenal_fat() -> None:
+    # Prepare: Normal slices at 256 px (1.4-1.6 mm pixels), so no lesion bulges into the rim
+    site = ph.SiteProfile()
+    for i in range(4):
+        sl = ph.render_slice(np.random.default_rng(i), "Normal", site, image_size=256)
+        kidney = sl.masks["kidney"]
+        # Execute: the 1-pixel ring just outside each kidney outline, on the clean HU image
+        ring = ndimage.binary_dilation(kidney, iterations=1) & ~kidney
+        values = sl.clean_hu[ring]
+        # Assert: mostly fat (-150..-60 HU; the renal vein and partial volume take the rest),
+        # not the muscle (~50 HU) or organs the kidney was painted against before the rim
+        fat = (values > -160) & (values < -50)
+        assert fat.mean() > 0.8, (i, fat.mean())
+
+
 def test_small_stone_gets_partial_volume_large_stone_full_hu() -> None:
     # Prepare: the same 3 mm stone rendered at 512 px (0.74 mm pixels) and 64 px (6 mm)
     canvas = {n: Canvas(n, 380.0) for n in (512, 64)}

@@ -14,6 +14,11 @@ from kidneyscan.data.phantom.sites import SiteProfile
 
 #: Kidney centre relative to the vertebral body's centre (mm, + is posterior).
 KIDNEY_DY = -6.0
+#: Radial harmonics of the kidney outline (a slightly lobulated bean), see ``deformed_ellipse``.
+KIDNEY_SHAPE = (0.02, 0.3, 0.03, 1.0)
+
+#: A kidney's axial cross-section: centre x, y (mm), semi-axes a, b (mm), long-axis angle (deg).
+Frame = tuple[float, float, float, float, float]
 
 
 @dataclass
@@ -169,6 +174,34 @@ def level_factor(level: float) -> float:
     """Axial kidney cross-section scale at a slice level (0 upper pole, 1 lower pole)."""
     d = (level - 0.5) / 0.62
     return math.sqrt(max(0.0, 1.0 - d * d))
+
+
+def kidney_geometry(p: Patient, level: float) -> list[tuple[int, float, Frame]]:
+    """``(side, kidney level, frame)`` of each kidney a slice at ``level`` cuts.
+
+    ``side`` is -1 for the image-left kidney (patient right), +1 for the other; a kidney whose
+    cross-section would be under 15 % of its largest is past its pole and left out.
+    """
+    out: list[tuple[int, float, Frame]] = []
+    for s in (-1, 1):
+        # the left kidney (image right) sits higher, so a slice cuts it nearer its lower pole
+        klev = level + (p.left_offset if s == 1 else 0.0)
+        f = level_factor(klev)
+        if f < 0.15:
+            continue
+        a = 30.0 * p.kidney_size * (0.45 + 0.55 * f)
+        b = 21.0 * p.kidney_size * (0.5 + 0.5 * f)
+        # long axis from anterolateral to posteromedial; in the kidney frame (u along the long
+        # axis, v along the short one) the hilum lies at v = +s (anteromedial); centres a
+        # little anterior to the vertebral body's centre, as on real slices
+        centre = (s * p.kidney_dx, p.spine_y + KIDNEY_DY)
+        out.append((s, klev, (*centre, a, b, 90.0 + s * p.kidney_angle)))
+    return out
+
+
+def perirenal_fat_mm(p: Patient) -> float:
+    """Width of the perirenal fat rim (mm): 2-8 mm, wider in patients with more body fat."""
+    return float(np.clip(1.5 + 0.2 * p.fat, 2.0, 8.0))
 
 
 def tissue_hu(p: Patient) -> dict[str, float]:

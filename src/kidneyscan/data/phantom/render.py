@@ -11,10 +11,11 @@ import cv2
 import numpy as np
 
 from kidneyscan.data.phantom.anatomy import (
-    KIDNEY_DY,
+    KIDNEY_SHAPE,
     Patient,
+    kidney_geometry,
     kidney_point,
-    level_factor,
+    perirenal_fat_mm,
     sample_patient,
     tissue_hu,
 )
@@ -208,6 +209,13 @@ def _render(p: Patient, level: float, rng: np.random.Generator, image_size: int)
         cv.fill(
             deformed_ellipse(s * 52, sy + 14, 10, 17, s * 40), t["muscle"]
         )  # quadratus lumborum
+    # perirenal fat (inside Gerota's fascia): the dark rim that outlines a kidney on real CT,
+    # even unenhanced, where kidney (30-40 HU) and muscle (~50 HU) are nearly isodense. Painted
+    # over the muscles it abuts, under the spine, vessels and kidney painted next.
+    kidneys = kidney_geometry(p, lv)
+    rim = perirenal_fat_mm(p)
+    for _, _, (kx, ky, a, b, ang) in kidneys:
+        cv.fill(deformed_ellipse(kx, ky, a + rim, b + rim, ang, KIDNEY_SHAPE), t["vfat"])
     # vertebra: cortical shell, cancellous core, canal, pedicles, transverse and spinous process
     cv.fill(deformed_ellipse(0, sy, vr, vr * 0.85), 900.0 * bone_scale)
     cv.fill(deformed_ellipse(0, sy, vr - 2.2, vr * 0.85 - 2.2), p.cancellous_hu * bone_scale)
@@ -232,21 +240,9 @@ def _render(p: Patient, level: float, rng: np.random.Generator, image_size: int)
     kidney_mask = np.zeros((size, size), np.uint8)
     lesion_mask = np.zeros((size, size), np.uint8)
     frames = {}
-    for s in (-1, 1):
-        # the left kidney (image right) sits higher, so a slice cuts it nearer its lower pole
-        klev = lv + (p.left_offset if s == 1 else 0.0)
-        f = level_factor(klev)
-        if f < 0.15:
-            continue
-        a = 30.0 * p.kidney_size * (0.45 + 0.55 * f)
-        b = 21.0 * p.kidney_size * (0.5 + 0.5 * f)
-        # kidney centres a little anterior to the vertebral body's centre, as on real slices
-        kx, ky = s * p.kidney_dx, sy + KIDNEY_DY
-        # long axis from anterolateral to posteromedial; in the kidney frame (u along the long
-        # axis, v along the short one) the hilum lies at v = +s (anteromedial)
-        ang = 90.0 + s * p.kidney_angle
+    for s, klev, (kx, ky, a, b, ang) in kidneys:
         frames[s] = (kx, ky, a, b, ang)
-        outline = deformed_ellipse(kx, ky, a, b, ang, (0.02, 0.3, 0.03, 1.0))
+        outline = deformed_ellipse(kx, ky, a, b, ang, KIDNEY_SHAPE)
         cv.fill(outline, 1, kidney_mask)
         cv.fill(outline, t["cortex"])
         for j in range(5):  # medullary pyramids on the lateral side, pointing to the sinus
