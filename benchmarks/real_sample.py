@@ -45,6 +45,9 @@ from kidneyscan.data.splits import make_kfold, save_split
 from kidneyscan.evaluation.metrics import classification_metrics
 from kidneyscan.experiment import build_model, make_preprocessor, train_central
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _kidney_pool import kidney_pooled, kidney_weights  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = ExperimentConfig()
 WHOLE = {"steps": [], "image_size": 224, "image_width": 224}
@@ -76,6 +79,13 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
     ),
     # Does a DIP step help? Screened with the probe (one feature extraction each, ~5 min with
     # bf16): the step runs on the kidney-band crop, before the backbone's normalisation.
+    # The kidney mask as a pooling prior: the whole-map mean next to a mean over the cells the
+    # anatomy segmentation calls kidney (benchmarks/_kidney_pool.py).
+    "probe_kidney": (
+        "linear probe, CT backbone, kidney band, whole-map mean + kidney-mask mean",
+        DEFAULT,
+        True,
+    ),
     "probe_clahe": (
         "linear probe, CT backbone, kidney band + CLAHE",
         _cfg(steps=[*BAND, {"name": "clahe"}]),
@@ -167,9 +177,10 @@ def run_trained(
 
 
 def run_probe(
-    cfg: ExperimentConfig, data: Path, splits: list[Path]
+    cfg: ExperimentConfig, data: Path, splits: list[Path], kidney: bool = False
 ) -> tuple[np.ndarray, np.ndarray, list[float], dict[str, float]]:
-    """Logistic regression on the mean-pooled cached features of the fully frozen backbone."""
+    """Logistic regression on the mean-pooled cached features of the fully frozen backbone
+    (``kidney``: and their kidney-mask mean, :mod:`_kidney_pool`)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -189,9 +200,23 @@ def run_probe(
         tf = time.perf_counter()
         feats = {n: store.load(parts[n]) for n in ("train", "test")}
         t_feat += time.perf_counter() - tf
+        grid = tuple(feats["train"].features.shape[-2:])
+        weights = {
+            n: kidney_weights(parts[n], feats[n].rois, (grid[0], grid[1])) if kidney else None
+            for n in feats
+        }
 
-        def pooled(name: str, view: int = 0, f: dict[str, Any] = feats) -> np.ndarray:
-            return f[name].features[:, view].float().mean(dim=(2, 3)).numpy()
+        def pooled(
+            name: str, view: int = 0, f: dict[str, Any] = feats, ws: dict[str, Any] = weights
+        ) -> np.ndarray:
+            fmap = f[name].features[:, view].float().numpy()
+            x = fmap.mean(axis=(2, 3))
+            w = ws[name]
+            if w is None:
+                return x
+            # The hflip view's features are of the mirrored image: mirror its mask too.
+            w = w[..., ::-1] if f[name].views[view] == "hflip" else w
+            return np.concatenate([x, kidney_pooled(fmap, w)], axis=1)
 
         x_tr = np.concatenate([pooled("train", v) for v in range(feats["train"].features.shape[1])])
         y_tr = np.tile(feats["train"].labels.numpy(), feats["train"].features.shape[1])
@@ -329,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         desc, cfg, probe = ROWS[name]
         print(f"{name}: {desc}", flush=True)
         runner: Callable[..., Any] = run_probe if probe else run_trained
-        extra = () if probe else (args.out / name,)
+        extra = (name == "probe_kidney",) if probe else (args.out / name,)
         t0 = time.perf_counter()
         result = runner(cfg, args.data, splits, *extra)
         done[name] = _row(name, desc, result, args.bootstrap)
