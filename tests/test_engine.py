@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -233,6 +234,32 @@ def test_schedule_warmup_then_cosine_to_zero() -> None:
     # Biases and 1-d parameters are not decayed.
     decays = {g["weight_decay"] for g in opt.param_groups}
     assert decays == {cfg.weight_decay, 0.0}
+
+
+def _rates(opt: torch.optim.Optimizer, sched: Any, steps: int) -> list[float]:
+    lrs = []
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_schedule_started_mid_run_continues_the_one_schedule() -> None:
+    """Breaks if ``start_step`` is ignored (every round would warm up again) or shifts the
+    schedule by another amount than it says: three optimisers started at steps 0, 5 and 10 of
+    a 15-step run (as three federated rounds are) must give the single run's rates."""
+    cfg = TrainConfig(epochs=3, lr=0.1, warmup_epochs=1)
+    whole = _rates(*make_optimizer(TinyNet(), cfg, steps_per_epoch=5), steps=15)
+    parts = [
+        lr
+        for start in (0, 5, 10)
+        for lr in _rates(*make_optimizer(TinyNet(), cfg, 5, start_step=start), steps=5)
+    ]
+    assert parts == pytest.approx(whole, abs=1e-12)
+    assert parts[5] > parts[10] > parts[14]  # the later rounds decay, they do not restart
+    with pytest.raises(ValueError, match="start_step must be >= 0"):
+        make_optimizer(TinyNet(), cfg, 5, start_step=-1)
 
 
 def test_optimizer_skips_frozen_parameters() -> None:

@@ -224,3 +224,49 @@ def test_cached_epoch_applies_the_fedprox_term() -> None:
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
     with pytest.raises(ValueError, match="needs global_params"):
         train_epoch_cached(split, cache, opt, nn.CrossEntropyLoss(), proximal_mu=0.1)
+
+
+def test_cosine_schedule_spans_the_rounds_and_reaches_the_local_epochs(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Breaks if ``lr-schedule = "cosine"`` restarts each round, if ``train_local`` does not
+    hand its scheduler to the epoch loop, or if ``"constant"`` stops being a flat rate: the
+    rates the cached local epochs see over 3 rounds must be the central recipe's one warm-up +
+    cosine schedule for 3 rounds x 2 local epochs."""
+    from kidneyscan import engine
+    from kidneyscan.config import TrainConfig
+    from kidneyscan.optim import make_optimizer
+
+    cfg = _cfg(monkeypatch, **{"lr-schedule": "cosine", "num-server-rounds": 3, "lr": 0.1,
+                               "warmup-epochs": 1.0})  # fmt: skip
+    samples = _samples(phantom_dir)  # 12 images, batch 4: 3 steps per local epoch
+    _count_features(monkeypatch, tmp_path)
+    seen: list[float] = []
+    original = engine.train_one_epoch
+
+    def recording(model: nn.Module, loader: Any, optimizer: Any, **kw: Any) -> dict[str, float]:
+        assert kw["scheduler"] is not None
+
+        def batches() -> Any:
+            for batch in loader:  # the rate when a batch is drawn is the rate of its step
+                seen.append(optimizer.param_groups[0]["lr"])
+                yield batch
+
+        return original(model, batches(), optimizer, **kw)
+
+    monkeypatch.setattr(engine, "train_one_epoch", recording)
+    model = task.build_model(cfg)
+    for r in (1, 2, 3):
+        task.train_local(model, samples, cfg, server_round=r)
+    central, sched = make_optimizer(model, TrainConfig(epochs=6, lr=0.1, warmup_epochs=1.0), 3)
+    want = []
+    for _ in range(18):
+        want.append(central.param_groups[0]["lr"])
+        central.step()
+        sched.step()
+    assert seen == pytest.approx(want, abs=1e-12)
+    assert seen[0] < seen[3] and seen[-1] < 0.01  # warm-up in round 1, decayed by round 3
+    # Constant: a flat rate and no scheduler.
+    opt, none = task.local_optimizer(model, {**cfg, "lr-schedule": "constant"},
+                                     server_round=3, steps_per_epoch=3)  # fmt: skip
+    assert none is None and {g["lr"] for g in opt.param_groups} == {0.1}

@@ -56,6 +56,8 @@ def test_run_config_precedence_and_coercion(monkeypatch: pytest.MonkeyPatch) -> 
         ({"augment": "maybe"}, "augment='maybe' is not a valid bool"),
         ({"server-momentum": 1.0}, r"server-momentum must be in \[0, 1\)"),
         ({"fedavgm-server-lr": 0.0}, "fedavgm-server-lr must be > 0"),
+        ({"lr-schedule": "step"}, "lr-schedule must be one of constant, cosine, got 'step'"),
+        ({"warmup-epochs": -1.0}, "warmup-epochs must be >= 0"),
     ],
 )
 def test_bad_run_config_is_named(override: dict, message: str) -> None:

@@ -71,7 +71,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def make_optimizer(
-    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int
+    model: nn.Module, cfg: TrainConfig, steps_per_epoch: int, *, start_step: int = 0
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over trainable parameters with a per-step linear warm-up + cosine schedule.
 
@@ -83,6 +83,10 @@ def make_optimizer(
         Recipe: ``lr``, ``weight_decay``, ``warmup_epochs``, ``epochs``.
     steps_per_epoch
         Optimiser steps per epoch (batches of the training loader).
+    start_step
+        Where on the schedule the first step lies: a federated site trains round ``r`` of a
+        run of ``cfg.epochs`` passes from step ``(r - 1) * local_epochs * steps_per_epoch``,
+        so the rounds together follow the one central schedule.
 
     Returns
     -------
@@ -91,11 +95,14 @@ def make_optimizer(
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total - 1)
 
-    def factor(step: int) -> float:
+    def factor(local_step: int) -> float:
+        step = start_step + local_step
         if step < warmup:
             return (step + 1) / (warmup + 1)
         progress = (step - warmup) / max(1, total - warmup)

@@ -72,6 +72,12 @@ def federate(
     image_size: int = typer.Option(64, "--image-size", min=8, help="Input size in pixels."),
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Local batch size."),
     lr: float = typer.Option(1e-3, "--lr", help="Local AdamW learning rate."),
+    lr_schedule: str = typer.Option(
+        "constant",
+        "--lr-schedule",
+        help="constant (a fresh AdamW at --lr each round) or cosine (the central recipe's "
+        "1-epoch warm-up and cosine decay, spread over rounds x local epochs).",
+    ),
     proximal_mu: float = typer.Option(
         0.01, "--proximal-mu", help="FedProx proximal term weight (fedprox only)."
     ),
@@ -188,6 +194,7 @@ def federate(
             "image-size": image_size,
             "batch-size": batch_size,
             "lr": lr,
+            "lr-schedule": lr_schedule,
             "local-val-fraction": local_val,
             "transport-fp16": fp16,
             "cache-features": cache_features,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 from kidneyscan import engine
-from kidneyscan.config import ExperimentConfig
+from kidneyscan.config import ExperimentConfig, TrainConfig
 from kidneyscan.data.datasets import CLASSES, Sample, scan_dataset
 from kidneyscan.data.loaders import make_loader
 from kidneyscan.data.partition import load_partition
@@ -35,6 +36,7 @@ from kidneyscan.experiment import make_preprocessor, model_kwargs
 from kidneyscan.features import VIEWS, CachedFeatures, FeatureStore, cached_logits
 from kidneyscan.models.factory import trainable_state_keys
 from kidneyscan.models.frozen import FrozenSplit
+from kidneyscan.optim import make_optimizer
 from kidneyscan.preprocess.pipeline import Preprocessor
 
 log = logging.getLogger(__name__)
@@ -70,6 +72,10 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "preprocessing": "[]",
     "batch-size": 16,
     "lr": 0.001,
+    # "constant": a fresh AdamW at ``lr`` every round; "cosine": the central recipe's warm-up
+    # (``warmup-epochs``) and cosine decay, spread over all rounds x local epochs.
+    "lr-schedule": "constant",
+    "warmup-epochs": 1.0,
     "weight-decay": 0.05,
     "label-smoothing": 0.1,
     "augment": True,
@@ -94,6 +100,9 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "dp-epsilon-budget": 0.0,
 }
 
+
+#: Values of the ``lr-schedule`` key.
+LR_SCHEDULES = ("constant", "cosine")
 
 #: Train/evaluate metric every client sends as 1 under differential privacy. The strategy then
 #: averages by it (uniformly) instead of by ``num-examples``: the noise is calibrated to one
@@ -178,6 +187,12 @@ def _validate(cfg: Mapping[str, Any]) -> None:
         )
     if cfg["lr"] <= 0:
         raise FederatedConfigError(f"lr must be > 0, got {cfg['lr']}")
+    if cfg["lr-schedule"] not in LR_SCHEDULES:
+        raise FederatedConfigError(
+            f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg['lr-schedule']!r}"
+        )
+    if cfg["warmup-epochs"] < 0:
+        raise FederatedConfigError(f"warmup-epochs must be >= 0, got {cfg['warmup-epochs']}")
     if not 0.0 <= cfg["server-momentum"] < 1.0:
         raise FederatedConfigError(
             f"server-momentum must be in [0, 1), got {cfg['server-momentum']}"
@@ -369,7 +384,8 @@ def train_local(
 ) -> dict[str, float]:
     """Train the trainable tensors on this site's images for ``local-epochs`` epochs.
 
-    A fresh AdamW with a constant learning rate each round (optimiser state does not travel).
+    The optimiser is :func:`local_optimizer`'s: a fresh AdamW each round (optimiser state
+    does not travel), at a constant rate or at this round's part of the cosine schedule.
     With ``proximal_mu > 0`` the engine adds the FedProx term towards the received weights.
     With ``cache-features`` on and a hybrid whose ConvNeXt backbone has frozen leading blocks,
     the frozen features of these images are computed once per process and reused by every
@@ -388,7 +404,9 @@ def train_local(
     seed = int(cfg["seed"]) * 1000 + server_round
     split = _cache_split(model) if bool(cfg["cache-features"]) else None
     if split is not None:
-        return _train_local_cached(split, samples, cfg, pre, seed=seed, proximal_mu=proximal_mu)
+        return _train_local_cached(
+            split, samples, cfg, pre, seed=seed, proximal_mu=proximal_mu, server_round=server_round
+        )
     loader = make_loader(
         list(samples),
         pre,
@@ -397,9 +415,8 @@ def train_local(
         augment=bool(cfg["augment"]),
         seed=seed,
     )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
+    optimizer, scheduler = local_optimizer(
+        model, cfg, server_round=server_round, steps_per_epoch=len(loader)
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
     # The engine's proximal term wants every parameter (frozen ones included), in order.
@@ -412,6 +429,7 @@ def train_local(
             loader,
             optimizer,
             loss_fn=loss_fn,
+            scheduler=scheduler,
             proximal_mu=float(proximal_mu),
             global_params=global_params,
         )
@@ -420,6 +438,33 @@ def train_local(
         "accuracy": float(stats["accuracy"]),
         "num-examples": len(samples),
     }
+
+
+def local_optimizer(
+    model: nn.Module, cfg: Mapping[str, Any], *, server_round: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """This round's optimiser over the trainable tensors, and its scheduler (None: constant).
+
+    ``lr-schedule = "cosine"`` builds the central recipe's optimiser
+    (:func:`kidneyscan.optim.make_optimizer`: no decay on norms and biases, linear warm-up over
+    ``warmup-epochs``, cosine decay) for a run of ``num-server-rounds x local-epochs`` passes
+    and starts round ``server_round`` where the previous round left the schedule: no state
+    travels, only the round number. ``"constant"`` is a fresh AdamW at ``lr``.
+    """
+    if cfg["lr-schedule"] == "cosine":
+        epochs = int(cfg["num-server-rounds"]) * int(cfg["local-epochs"])
+        recipe = TrainConfig(
+            epochs=epochs,
+            lr=float(cfg["lr"]),
+            weight_decay=float(cfg["weight-decay"]),
+            warmup_epochs=float(cfg["warmup-epochs"]),
+        )
+        start = (server_round - 1) * int(cfg["local-epochs"]) * steps_per_epoch
+        return make_optimizer(model, recipe, steps_per_epoch, start_step=start)
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
+    ), None
 
 
 def _cache_split(model: nn.Module) -> FrozenSplit | None:
@@ -458,6 +503,7 @@ def _train_local_cached(
     *,
     seed: int,
     proximal_mu: float,
+    server_round: int,
 ) -> dict[str, float]:
     """Local epochs on cached frozen-prefix features (same optimiser, loss and FedProx term).
 
@@ -473,9 +519,9 @@ def _train_local_cached(
     else:
         feats = CachedFeatures(feats.features[:, :1], feats.labels, feats.rois, ["orig"])
     model = split.model
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=float(cfg["lr"]), weight_decay=float(cfg["weight-decay"])
+    batch = int(cfg["batch-size"])
+    optimizer, scheduler = local_optimizer(
+        model, cfg, server_round=server_round, steps_per_epoch=math.ceil(len(feats.labels) / batch)
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
     # The tail lists every parameter of the model in order, so the FedProx pairs line up.
@@ -484,9 +530,10 @@ def _train_local_cached(
     for epoch in range(int(cfg["local-epochs"])):
         stats = engine.train_one_epoch(
             split.tail,
-            feats.loader(train=True, batch_size=int(cfg["batch-size"]), seed=seed * 100 + epoch),
+            feats.loader(train=True, batch_size=batch, seed=seed * 100 + epoch),
             optimizer,
             loss_fn=loss_fn,
+            scheduler=scheduler,
             proximal_mu=float(proximal_mu),
             global_params=global_params,
             channels_last=False,
