@@ -308,9 +308,8 @@ def main() -> None:
             "noise_multiplier": rs[0]["noise_multiplier"],
             "selected_rounds": [r["selected_round"] for r in rs],
         }
-        # Against the one-site run on the same learning-rate schedule, where there is one.
-        ref = "centralized_cosine" if name.endswith("_cosine") else "centralized"
-        central = runs.get(ref) or runs.get("centralized")
+        # Against the one-site run on the same learning-rate schedule (none: no gap column).
+        central = runs.get("centralized_cosine" if name.endswith("_cosine") else "centralized")
         if central and not name.startswith("centralized"):
             shared = [s for s in row["seeds"] if s in {c["seed"] for c in central}]
             a = [r for r in rs if r["seed"] in shared]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -520,17 +519,21 @@ def _train_local_cached(
         feats = CachedFeatures(feats.features[:, :1], feats.labels, feats.rois, ["orig"])
     model = split.model
     batch = int(cfg["batch-size"])
+    loaders = [
+        feats.loader(train=True, batch_size=batch, seed=seed * 100 + epoch)
+        for epoch in range(int(cfg["local-epochs"]))
+    ]
     optimizer, scheduler = local_optimizer(
-        model, cfg, server_round=server_round, steps_per_epoch=math.ceil(len(feats.labels) / batch)
+        model, cfg, server_round=server_round, steps_per_epoch=len(loaders[0])
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
     # The tail lists every parameter of the model in order, so the FedProx pairs line up.
     global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
     stats: dict[str, float] = {}
-    for epoch in range(int(cfg["local-epochs"])):
+    for loader in loaders:
         stats = engine.train_one_epoch(
             split.tail,
-            feats.loader(train=True, batch_size=batch, seed=seed * 100 + epoch),
+            loader,
             optimizer,
             loss_fn=loss_fn,
             scheduler=scheduler,
