@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -270,3 +271,83 @@ def test_cosine_schedule_spans_the_rounds_and_reaches_the_local_epochs(
     opt, none = task.local_optimizer(model, {**cfg, "lr-schedule": "constant"},
                                      server_round=3, steps_per_epoch=3)  # fmt: skip
     assert none is None and {g["lr"] for g in opt.param_groups} == {0.1}
+
+
+def test_kept_optimizer_state_continues_adam_and_keeps_this_rounds_rates(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Breaks if ``optimizer-state = "keep"`` does not hand round r the moments of round r-1
+    (the step count would restart, the update would equal a fresh optimiser's), if it rewinds
+    the cosine schedule to the rates the state was saved at, or if "fresh" keeps anything."""
+    samples = _samples(phantom_dir)  # 12 images, batch 4, 2 local epochs: 6 steps per round
+    _count_features(monkeypatch, tmp_path)
+    keep = _cfg(monkeypatch, **{"optimizer-state": "keep", "lr-schedule": "cosine",
+                                "num-server-rounds": 3})  # fmt: skip
+    fresh = {**keep, "optimizer-state": "fresh"}
+    model = task.build_model(keep)
+    first = task.train_local(model, samples, keep, server_round=1)
+    start = task.to_named(model)
+    assert first["optimizer-steps"] == 6 and "optimizer-state" in first
+    # The state travels through bytes, as it does in the site's Flower Context.
+    kept = task.unpack_optimizer_state(task.pack_optimizer_state(first["optimizer-state"]))
+    # Round 2 from the same averaged weights, with and without the kept moments.
+    runs = {}
+    for name, cfg, state in (("keep", keep, kept), ("fresh", fresh, None)):
+        net = task.build_model(cfg)
+        task.from_named(net, start)
+        stats = task.train_local(net, samples, cfg, server_round=2, optimizer_state=state)
+        runs[name] = (stats, task.to_named(net))
+    assert runs["keep"][0]["optimizer-steps"] == 12
+    assert runs["fresh"][0]["optimizer-steps"] == 6 and "optimizer-state" not in runs["fresh"][0]
+    head = "head.weight"
+    assert not np.allclose(runs["keep"][1][head], runs["fresh"][1][head])
+    # The rates are round 3's part of the schedule, not the ones the state was saved with.
+    opt, _ = task.local_optimizer(model, keep, server_round=3, steps_per_epoch=3, state=kept)
+    ref, _ = task.local_optimizer(model, fresh, server_round=3, steps_per_epoch=3)
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref.param_groups]
+    assert [g["lr"] for g in opt.param_groups] != [
+        g["lr"] for g in first["optimizer-state"]["param_groups"]
+    ]
+    assert int(next(iter(opt.state.values()))["step"]) == 6
+    # A state of another model is refused, naming the setting.
+    other = task.build_model({**keep, "model-kwargs": json.dumps({**HYBRID, "embed_dim": 16})})
+    with pytest.raises(task.FederatedConfigError, match="optimizer-state=keep"):
+        task.local_optimizer(other, keep, server_round=2, steps_per_epoch=3, state=kept)
+
+
+def test_client_app_keeps_the_optimizer_state_in_its_context_only(
+    phantom_dir: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, task_identity: None
+) -> None:
+    """Breaks if the ClientApp does not store the state in its node's Context between rounds,
+    or if the state leaks into the reply (only trainable tensors and metrics may leave)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+    from kidneyscan.data.partition import save_partitions
+    from kidneyscan.federated import client_app
+
+    _count_features(monkeypatch, tmp_path)
+    part = save_partitions([_samples(phantom_dir)], tmp_path / "partitions.csv")
+    run_cfg = {"model": "hybrid", "model-kwargs": json.dumps(HYBRID), "cache-features": True,
+               "batch-size": 4, "local-val-fraction": 0.25, "optimizer-state": "keep",
+               "partition-file": str(part)}  # fmt: skip
+    monkeypatch.delenv(task.CONFIG_ENV, raising=False)
+    arrays = task.to_named(task.build_model(task.run_config(run_cfg)))
+    context = Context(1, 1, {"partition-id": 0}, RecordDict(), run_cfg)
+    steps, sent_keys = [], []
+    for server_round in (1, 2):
+        msg = Message(
+            RecordDict({
+                "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                "config": ConfigRecord({"server-round": server_round}),
+            }),
+            dst_node_id=1,
+            message_type="train",
+        )  # fmt: skip
+        reply = client_app._train(msg, context)
+        steps.append(reply.content["metrics"]["optimizer-steps"])
+        sent_keys.append(set(reply.content.keys()))
+        arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert steps == [3, 6]  # 9 training images at batch 4: 3 steps per round, continued
+    assert client_app.OPTIMIZER_STATE_KEY in context.state
+    assert sent_keys == [{"arrays", "metrics"}] * 2
+    assert set(arrays) == set(task.trainable_keys(task.build_model(task.run_config(run_cfg))))

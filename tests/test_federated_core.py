@@ -58,6 +58,7 @@ def test_run_config_precedence_and_coercion(monkeypatch: pytest.MonkeyPatch) -> 
         ({"fedavgm-server-lr": 0.0}, "fedavgm-server-lr must be > 0"),
         ({"lr-schedule": "step"}, "lr-schedule must be one of constant, cosine, got 'step'"),
         ({"warmup-epochs": -1.0}, "warmup-epochs must be >= 0"),
+        ({"optimizer-state": "share"}, "optimizer-state must be one of fresh, keep, got 'share'"),
     ],
 )
 def test_bad_run_config_is_named(override: dict, message: str) -> None:
@@ -270,7 +271,8 @@ HYBRID = {
 
 @pytest.fixture(scope="module")
 def federated_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """2 rounds, 3 phantom hospitals (one per site), tiny hybrid, via the CLI; shared below."""
+    """2 rounds, 3 phantom hospitals (one per site), tiny hybrid, sites keeping their AdamW
+    state, via the CLI; shared below."""
     from typer.testing import CliRunner
 
     from kidneyscan.cli import app
@@ -290,6 +292,7 @@ def federated_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
             "--image-size", "64",
             "--batch-size", "8",
             "--fp16",
+            "--optimizer-state", "keep",
             "--out", str(out),
         ],
     )  # fmt: skip
@@ -367,6 +370,17 @@ def test_each_client_trained_only_on_its_own_site(federated_run: tuple) -> None:
         expected, held_out = task.split_local(part, float(local_val), 0)
         assert c["num-examples"] == len(expected)
         assert {str(s.path) for s in held_out} <= {str(s.path) for s in split["val"]}
+
+
+@pytest.mark.slow
+def test_sites_keep_their_optimizer_state_between_rounds(federated_run: tuple) -> None:
+    """Breaks if the simulation hands a site a new Context each round (the kept AdamW state
+    would be lost and the step count restart)."""
+    _, out = federated_run
+    history = json.loads((out / "curves.json").read_text())
+    steps = [{c["partition-id"]: c["optimizer-steps"] for c in r["clients"]} for r in history]
+    assert set(steps[0]) == {0, 1, 2} and all(n > 0 for n in steps[0].values())
+    assert steps[1] == {pid: 2 * n for pid, n in steps[0].items()}
 
 
 @pytest.mark.slow

@@ -110,3 +110,35 @@ def test_kidneyscan_secagg_client_trains_its_partition(phantom_dir, tmp_path, mo
     assert num_examples == n_partition
     assert max(float(np.abs(a - b).max()) for a, b in zip(new, initial, strict=True)) > 0
     assert np.isfinite(metrics["train-loss"])
+
+
+def test_kidneyscan_secagg_client_keeps_its_optimizer_state(phantom_dir, tmp_path, monkeypatch):
+    """Breaks if the SecAgg+ client drops optimizer-state=keep: its node Context must hold the
+    AdamW state after round 1 and round 2 must continue the step count."""
+    from types import SimpleNamespace
+
+    from flwr.app import RecordDict
+
+    from kidneyscan.data.datasets import scan_dataset
+    from kidneyscan.federated import client_app, task
+    from kidneyscan.federated.simulation import prepare_run
+
+    prepared = prepare_run(
+        scan_dataset(phantom_dir), tmp_path, num_clients=3, partitioning="iid", seed=0
+    )
+    run_config = {"partition-file": prepared["partition-file"], "image-size": 32, "batch-size": 8,
+                  "local-val-fraction": 0.0, "optimizer-state": "keep"}  # fmt: skip
+    monkeypatch.delenv(task.CONFIG_ENV, raising=False)
+    context = SimpleNamespace(
+        run_config=run_config, node_config={"partition-id": 1}, state=RecordDict()
+    )
+    weights = secagg_app.KidneyScanNumPyClient(context).get_parameters({})
+    steps = []
+    for server_round in (1, 2):  # a new client object each round, as Flower builds them
+        weights, _, _ = secagg_app.KidneyScanNumPyClient(context).fit(
+            weights, {"server-round": server_round}
+        )
+        kept = client_app.kept_optimizer_state(task.run_config(run_config), context)
+        assert kept is not None
+        steps.append(max(int(s["step"]) for s in kept["state"].values()))
+    assert steps[1] == 2 * steps[0] > 0

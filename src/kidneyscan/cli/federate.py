@@ -78,6 +78,12 @@ def federate(
         help="constant (a fresh AdamW at --lr each round) or cosine (the central recipe's "
         "1-epoch warm-up and cosine decay, spread over rounds x local epochs).",
     ),
+    optimizer_state: str = typer.Option(
+        "fresh",
+        "--optimizer-state",
+        help="fresh (a new AdamW every round) or keep (each site keeps its AdamW moments and "
+        "step count between rounds, in its own memory; nothing more is sent).",
+    ),
     proximal_mu: float = typer.Option(
         0.01, "--proximal-mu", help="FedProx proximal term weight (fedprox only)."
     ),
@@ -195,6 +201,7 @@ def federate(
             "batch-size": batch_size,
             "lr": lr,
             "lr-schedule": lr_schedule,
+            "optimizer-state": optimizer_state,
             "local-val-fraction": local_val,
             "transport-fp16": fp16,
             "cache-features": cache_features,

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from kidneyscan.federated import logs, task
@@ -61,6 +69,28 @@ def _unit_weight(cfg: dict[str, Any]) -> dict[str, int]:
     return {task.UNIT_WEIGHT_KEY: 1} if task.uses_dp(cfg) else {}
 
 
+#: Key of this site's optimiser state in its Flower ``Context.state`` (optimizer-state=keep).
+OPTIMIZER_STATE_KEY = "kidneyscan-optimizer"
+
+
+def kept_optimizer_state(cfg: Mapping[str, Any], context: Context) -> dict[str, Any] | None:
+    """The optimiser state this site kept last round, or None (fresh, or the first round)."""
+    if cfg["optimizer-state"] != "keep" or OPTIMIZER_STATE_KEY not in context.state:
+        return None
+    packed = context.state[OPTIMIZER_STATE_KEY]["state"]  # type: ignore[index]
+    if not isinstance(packed, bytes):
+        raise task.FederatedConfigError(f"{OPTIMIZER_STATE_KEY} in the node state is not bytes")
+    return task.unpack_optimizer_state(packed)
+
+
+def keep_optimizer_state(context: Context, stats: Mapping[str, Any]) -> None:
+    """Store the state :func:`task.train_local` returned (keep only) in this node's Context:
+    it stays in the node's memory; only the trainable tensors leave."""
+    if "optimizer-state" in stats:
+        packed = task.pack_optimizer_state(stats["optimizer-state"])
+        context.state[OPTIMIZER_STATE_KEY] = ConfigRecord({"state": packed})
+
+
 def _train(msg: Message, context: Context) -> Message:
     logs.from_env()
     cfg = task.run_config(context.run_config)
@@ -71,7 +101,15 @@ def _train(msg: Message, context: Context) -> Message:
     task.from_named(model, _named(msg.content["arrays"]))
     samples = task.load_client_samples(cfg, context.node_config)
     train, _ = task.split_local(samples, float(cfg["local-val-fraction"]), int(cfg["seed"]))
-    stats = task.train_local(model, train, cfg, proximal_mu=proximal_mu, server_round=server_round)
+    stats = task.train_local(
+        model,
+        train,
+        cfg,
+        proximal_mu=proximal_mu,
+        server_round=server_round,
+        optimizer_state=kept_optimizer_state(cfg, context),
+    )
+    keep_optimizer_state(context, stats)
     named = task.to_named(model, fp16=bool(cfg["transport-fp16"]))
     sent = task.payload_bytes(named)
     log.info("round %d: client sends %d bytes of trainable tensors", server_round, sent)
@@ -80,6 +118,7 @@ def _train(msg: Message, context: Context) -> Message:
             "train-loss": stats["loss"],
             "train-accuracy": stats["accuracy"],
             "num-examples": int(stats["num-examples"]),
+            "optimizer-steps": int(stats["optimizer-steps"]),
             "bytes-sent": sent,
             **_client_id(context),
             **_unit_weight(cfg),

@@ -16,6 +16,7 @@ import numpy as np
 from flwr.client import NumPyClient
 
 from kidneyscan.federated import secagg, task
+from kidneyscan.federated.client_app import keep_optimizer_state, kept_optimizer_state
 
 LOGGER = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class KidneyScanNumPyClient(NumPyClient):
         self.task = task
         self.cfg = task.run_config(_kidneyscan_keys(context.run_config))
         self.node_config = dict(context.node_config)
+        self.node_context = context  # its state keeps the AdamW moments (optimizer-state=keep)
 
     def get_parameters(self, config: Mapping[str, Any]) -> list[np.ndarray]:
         """Trainable tensors of the seeded initial model."""
@@ -46,7 +48,14 @@ class KidneyScanNumPyClient(NumPyClient):
         samples = task.load_client_samples(cfg, self.node_config)
         train, _ = task.split_local(samples, float(cfg["local-val-fraction"]), int(cfg["seed"]))
         server_round = int(config.get("server-round", 1))
-        stats = task.train_local(model, train, cfg, server_round=server_round)
+        stats = task.train_local(
+            model,
+            train,
+            cfg,
+            server_round=server_round,
+            optimizer_state=kept_optimizer_state(cfg, self.node_context),
+        )
+        keep_optimizer_state(self.node_context, stats)
         arrays = list(task.get_trainable(model))
         limit = float(cfg.get("secagg-clipping-range", 8.0))
         peak = max(float(np.abs(a).max()) for a in arrays if a.size)

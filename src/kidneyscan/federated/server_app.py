@@ -216,6 +216,7 @@ def _round_row(
                 "train-loss",
                 "train-accuracy",
                 "num-examples",
+                "optimizer-steps",
                 "bytes-up",
             )
         }

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import logging
 import os
@@ -75,6 +77,9 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     # (``warmup-epochs``) and cosine decay, spread over all rounds x local epochs.
     "lr-schedule": "constant",
     "warmup-epochs": 1.0,
+    # "fresh": a new AdamW every round; "keep": the site keeps its AdamW moments and step count
+    # between rounds (in its Flower Context, never sent), continuing from the averaged weights.
+    "optimizer-state": "fresh",
     "weight-decay": 0.05,
     "label-smoothing": 0.1,
     "augment": True,
@@ -102,6 +107,8 @@ DEFAULTS: dict[str, bool | int | float | str] = {
 
 #: Values of the ``lr-schedule`` key.
 LR_SCHEDULES = ("constant", "cosine")
+#: Values of the ``optimizer-state`` key.
+OPTIMIZER_STATES = ("fresh", "keep")
 
 #: Train/evaluate metric every client sends as 1 under differential privacy. The strategy then
 #: averages by it (uniformly) instead of by ``num-examples``: the noise is calibrated to one
@@ -189,6 +196,11 @@ def _validate(cfg: Mapping[str, Any]) -> None:
     if cfg["lr-schedule"] not in LR_SCHEDULES:
         raise FederatedConfigError(
             f"lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {cfg['lr-schedule']!r}"
+        )
+    if cfg["optimizer-state"] not in OPTIMIZER_STATES:
+        raise FederatedConfigError(
+            f"optimizer-state must be one of {', '.join(OPTIMIZER_STATES)}, "
+            f"got {cfg['optimizer-state']!r}"
         )
     if cfg["warmup-epochs"] < 0:
         raise FederatedConfigError(f"warmup-epochs must be >= 0, got {cfg['warmup-epochs']}")
@@ -380,11 +392,14 @@ def train_local(
     *,
     proximal_mu: float = 0.0,
     server_round: int = 1,
-) -> dict[str, float]:
+    optimizer_state: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Train the trainable tensors on this site's images for ``local-epochs`` epochs.
 
-    The optimiser is :func:`local_optimizer`'s: a fresh AdamW each round (optimiser state
-    does not travel), at a constant rate or at this round's part of the cosine schedule.
+    The optimiser is :func:`local_optimizer`'s: a fresh AdamW each round, or, with
+    ``optimizer-state = "keep"``, one that continues from ``optimizer_state`` (the moments
+    this site's previous round returned; they never leave the site), at a constant rate or at
+    this round's part of the cosine schedule.
     With ``proximal_mu > 0`` the engine adds the FedProx term towards the received weights.
     With ``cache-features`` on and a hybrid whose ConvNeXt backbone has frozen leading blocks,
     the frozen features of these images are computed once per process and reused by every
@@ -394,7 +409,10 @@ def train_local(
     Returns
     -------
     dict
-        ``loss`` and ``accuracy`` of the last local epoch, ``num-examples`` trained on.
+        ``loss`` and ``accuracy`` of the last local epoch, ``num-examples`` trained on,
+        ``optimizer-steps`` (the AdamW step count at the end: it grows across rounds only when
+        the state is kept) and, with ``optimizer-state = "keep"``, ``optimizer-state`` (the
+        optimiser's ``state_dict`` for the next round).
     """
     if not samples:
         raise FederatedConfigError("this client has no training images")
@@ -404,7 +422,14 @@ def train_local(
     split = _cache_split(model) if bool(cfg["cache-features"]) else None
     if split is not None:
         return _train_local_cached(
-            split, samples, cfg, pre, seed=seed, proximal_mu=proximal_mu, server_round=server_round
+            split,
+            samples,
+            cfg,
+            pre,
+            seed=seed,
+            proximal_mu=proximal_mu,
+            server_round=server_round,
+            optimizer_state=optimizer_state,
         )
     loader = make_loader(
         list(samples),
@@ -415,7 +440,7 @@ def train_local(
         seed=seed,
     )
     optimizer, scheduler = local_optimizer(
-        model, cfg, server_round=server_round, steps_per_epoch=len(loader)
+        model, cfg, server_round=server_round, steps_per_epoch=len(loader), state=optimizer_state
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
     # The engine's proximal term wants every parameter (frozen ones included), in order.
@@ -432,15 +457,31 @@ def train_local(
             proximal_mu=float(proximal_mu),
             global_params=global_params,
         )
-    return {
+    return _local_result(stats, len(samples), optimizer, cfg)
+
+
+def _local_result(
+    stats: Mapping[str, float], n: int, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any]
+) -> dict[str, Any]:
+    steps = [int(st["step"]) for st in optimizer.state.values() if "step" in st]
+    result: dict[str, Any] = {
         "loss": float(stats["loss"]),
         "accuracy": float(stats["accuracy"]),
-        "num-examples": len(samples),
+        "num-examples": n,
+        "optimizer-steps": max(steps, default=0),
     }
+    if cfg["optimizer-state"] == "keep":
+        result["optimizer-state"] = copy.deepcopy(optimizer.state_dict())
+    return result
 
 
 def local_optimizer(
-    model: nn.Module, cfg: Mapping[str, Any], *, server_round: int, steps_per_epoch: int
+    model: nn.Module,
+    cfg: Mapping[str, Any],
+    *,
+    server_round: int,
+    steps_per_epoch: int,
+    state: Mapping[str, Any] | None = None,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     """This round's optimiser over the trainable tensors, and its scheduler (None: constant).
 
@@ -448,8 +489,67 @@ def local_optimizer(
     (:func:`kidneyscan.optim.make_optimizer`: no decay on norms and biases, linear warm-up over
     ``warmup-epochs``, cosine decay) for a run of ``num-server-rounds x local-epochs`` passes
     and starts round ``server_round`` where the previous round left the schedule: no state
-    travels, only the round number. ``"constant"`` is a fresh AdamW at ``lr``.
+    travels, only the round number. ``"constant"`` is an AdamW at ``lr``.
+
+    ``state`` (an optimiser ``state_dict`` this site saved last round) restores the moments and
+    step counts only; the rates stay this round's, so the schedule is not rewound.
+
+    Raises
+    ------
+    FederatedConfigError
+        ``state`` does not fit the model's trainable tensors (another model or config).
     """
+    optimizer, scheduler = _new_local_optimizer(model, cfg, server_round, steps_per_epoch)
+    if state is not None:
+        _restore_moments(optimizer, state)
+    return optimizer, scheduler
+
+
+def _restore_moments(optimizer: torch.optim.Optimizer, state: Mapping[str, Any]) -> None:
+    """Load the per-tensor moments and step counts of ``state`` (its rates are ignored)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    saved = state.get("state")
+    problem = None
+    if not isinstance(saved, Mapping):
+        problem = "it has no per-tensor 'state'"
+    elif not set(saved) <= set(range(len(params))):  # tensors without a gradient have none
+        problem = f"it holds moments of {len(saved)} tensors, the model trains {len(params)}"
+    else:
+        for i, entry in saved.items():
+            for key, value in entry.items():
+                if key != "step" and torch.is_tensor(value) and value.shape != params[i].shape:
+                    problem = f"tensor {i}: {key} {tuple(value.shape)} vs {tuple(params[i].shape)}"
+                    break
+            if problem:
+                break
+    if problem or not isinstance(saved, Mapping):
+        raise FederatedConfigError(
+            f"optimizer-state=keep: the kept optimiser state does not fit this model ({problem})"
+        )
+    # A copy: torch would otherwise step the caller's tensors in place. The param groups (and
+    # so the rates) stay this round's.
+    current = optimizer.state_dict()
+    optimizer.load_state_dict(
+        {"state": copy.deepcopy(dict(saved)), "param_groups": current["param_groups"]}
+    )
+
+
+def pack_optimizer_state(state: Mapping[str, Any]) -> bytes:
+    """An optimiser ``state_dict`` as bytes, for the site's Flower Context (it is never sent)."""
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return buf.getvalue()
+
+
+def unpack_optimizer_state(data: bytes) -> dict[str, Any]:
+    """The inverse of :func:`pack_optimizer_state` (tensors and numbers only: weights_only)."""
+    state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    return state
+
+
+def _new_local_optimizer(
+    model: nn.Module, cfg: Mapping[str, Any], server_round: int, steps_per_epoch: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
     if cfg["lr-schedule"] == "cosine":
         epochs = int(cfg["num-server-rounds"]) * int(cfg["local-epochs"])
         recipe = TrainConfig(
@@ -503,7 +603,8 @@ def _train_local_cached(
     seed: int,
     proximal_mu: float,
     server_round: int,
-) -> dict[str, float]:
+    optimizer_state: Mapping[str, Any] | None,
+) -> dict[str, Any]:
     """Local epochs on cached frozen-prefix features (same optimiser, loss and FedProx term).
 
     The features come from the on-disk :class:`~kidneyscan.features.FeatureStore` that central
@@ -524,7 +625,11 @@ def _train_local_cached(
         for epoch in range(int(cfg["local-epochs"]))
     ]
     optimizer, scheduler = local_optimizer(
-        model, cfg, server_round=server_round, steps_per_epoch=len(loaders[0])
+        model,
+        cfg,
+        server_round=server_round,
+        steps_per_epoch=len(loaders[0]),
+        state=optimizer_state,
     )
     loss_fn = nn.CrossEntropyLoss(label_smoothing=float(cfg["label-smoothing"]))
     # The tail lists every parameter of the model in order, so the FedProx pairs line up.
@@ -541,11 +646,7 @@ def _train_local_cached(
             global_params=global_params,
             channels_last=False,
         )
-    return {
-        "loss": float(stats["loss"]),
-        "accuracy": float(stats["accuracy"]),
-        "num-examples": len(samples),
-    }
+    return _local_result(stats, len(samples), optimizer, cfg)
 
 
 def _logits(
