@@ -492,3 +492,39 @@ def test_pooled_site_nll_curves_give_the_central_temperature() -> None:
     assert abs(np.log(task.pick_temperature(list(unweighted)) / central)) > step  # sensitive
     with pytest.raises(ValueError, match="expected 49"):
         task.pick_temperature([1.0, 2.0])
+
+
+def test_federate_cli_passes_the_server_optimiser_settings(
+    phantom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Breaks if ``kidneyscan federate`` drops a server-side setting (FedAdam / FedYogi rate and
+    tau, FedAvgM momentum and rate) or the local optimiser choice on its way to the run config;
+    a bad value is refused before Ray starts, naming the key."""
+    from typer.testing import CliRunner
+
+    from kidneyscan.cli import app
+    from kidneyscan.federated import simulation
+
+    seen: dict = {}
+
+    def fake_simulate(config: dict, **_: object) -> dict:
+        seen.update(task.run_config(config))
+        return {"completed_round": 0, "best": {}}
+
+    base = ["federate", "--data", str(phantom_dir), "--clients", "3", "--partitioning", "site"]
+    settings = ["--strategy", "fedavgm", "--server-momentum", "0.5", "--fedavgm-server-lr",
+                "0.7", "--server-lr", "0.02", "--server-tau", "0.003",
+                "--optimizer-state", "keep"]  # fmt: skip
+    with monkeypatch.context() as m:
+        m.setattr(simulation, "simulate", fake_simulate)
+        result = CliRunner().invoke(app, [*base, *settings, "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    assert (seen["strategy"], seen["server-momentum"], seen["fedavgm-server-lr"]) == (
+        "fedavgm",
+        0.5,
+        0.7,
+    )
+    assert (seen["server-lr"], seen["server-tau"], seen["optimizer-state"]) == (0.02, 0.003, "keep")
+    bad = CliRunner().invoke(app, [*base, "--server-momentum", "1.0", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2
+    assert "server-momentum must be in [0, 1)" in bad.output

@@ -84,6 +84,18 @@ def federate(
         help="fresh (a new AdamW every round) or keep (each site keeps its AdamW moments and "
         "step count between rounds, in its own memory; nothing more is sent).",
     ),
+    server_lr: float = typer.Option(
+        0.01, "--server-lr", help="Server learning rate of FedAdam and FedYogi."
+    ),
+    server_tau: float = typer.Option(
+        0.001, "--server-tau", help="Adaptivity (tau) of FedAdam and FedYogi."
+    ),
+    server_momentum: float = typer.Option(
+        0.9, "--server-momentum", help="FedAvgM's server momentum in [0, 1) (fedavgm only)."
+    ),
+    fedavgm_server_lr: float = typer.Option(
+        1.0, "--fedavgm-server-lr", help="FedAvgM's server learning rate (fedavgm only)."
+    ),
     proximal_mu: float = typer.Option(
         0.01, "--proximal-mu", help="FedProx proximal term weight (fedprox only)."
     ),
@@ -195,6 +207,10 @@ def federate(
             "min-clients": min_clients or clients,
             "assumed-attackers": attackers,
             "proximal-mu": proximal_mu,
+            "server-lr": server_lr,
+            "server-tau": server_tau,
+            "server-momentum": server_momentum,
+            "fedavgm-server-lr": fedavgm_server_lr,
             "model": model,
             "model-kwargs": model_kwargs,
             "image-size": image_size,
