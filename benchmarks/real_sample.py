@@ -69,6 +69,13 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
         _cfg(model_kwargs={**DEFAULT.model_kwargs, "token_pool": 1}),
         False,
     ),
+    # PatchDropout over the 14 x 21 grid: 74 of the 294 tokens per training sample, about the
+    # default's 77 (its training step cost); inference on all 294.
+    "tokens14_drop75": (
+        "hybrid, CT backbone frozen, kidney band, 14 x 21 layer3 tokens, 75 % token dropout",
+        _cfg(model_kwargs={**DEFAULT.model_kwargs, "token_pool": 1, "token_drop": 0.75}),
+        False,
+    ),
     "frozen80": (
         "hybrid, CT backbone 80 % frozen (last 10 blocks trained), kidney band",
         _cfg(

@@ -144,6 +144,8 @@ def test_trainable_state_keys_are_stable() -> None:
         ({"freeze_fraction": 2.0}, "freeze fraction"),
         ({"backbone": "vit_tiny_patch16_224"}, "NCHW"),
         ({"backbone": "no_such_net"}, "unknown model"),
+        ({"token_drop": 1.0}, "token_drop must be in"),
+        ({"token_drop": -0.1}, "token_drop must be in"),
     ],
 )
 def test_bad_options_raise_clear_errors(kwargs: dict, message: str) -> None:
@@ -152,16 +154,50 @@ def test_bad_options_raise_clear_errors(kwargs: dict, message: str) -> None:
         HybridConvNeXtViT(4, **opts)
 
 
+def test_token_drop_trains_on_a_random_subset_and_infers_on_every_token() -> None:
+    # 128 px -> a 4 x 4 grid; token_drop 0.75 keeps 4 of the 16 tokens per training sample.
+    torch.manual_seed(0)
+    model = HybridConvNeXtViT(4, **{**TINY, "image_size": 128}, token_drop=0.75, dropout=0.0)
+    assert model.options["token_drop"] == 0.75  # stored in checkpoints with the other options
+    x = torch.randn(8, 3, 128, 128)
+    fmap = model.feature_map(x)
+    model.eval()
+    every = model.tokens_from_map(fmap)
+    model.train()
+    kept = model.tokens_from_map(fmap)
+    # Assert: 4 tokens in training, 16 at inference
+    assert every.shape == (8, 16, 64)
+    assert kept.shape == (8, 4, 64)
+    # each kept token is one of that sample's tokens (position embedding included), in grid order
+    match = (kept[:, :, None, :] - every[:, None, :, :]).abs().amax(-1) < 1e-6  # (B, 4, 16)
+    assert bool((match.sum(-1) == 1).all())
+    index = match.float().argmax(-1)
+    assert bool((index.diff(dim=1) > 0).all())
+    # drawn per sample, and again on the next call
+    assert len({tuple(r.tolist()) for r in index}) > 1
+    assert not torch.equal(model.tokens_from_map(fmap), kept)
+    # inference is deterministic over every token; training works end to end
+    model.eval()
+    torch.testing.assert_close(model(x), model(x))
+    model.train()
+    model(x).sum().backward()
+    assert model.proj.weight.grad is not None
+
+
 @pytest.mark.filterwarnings("ignore:Full backward hook")  # Opacus hooks; the stem input
-@pytest.mark.parametrize("freeze", [0.8, 0.0])
-def test_opacus_per_sample_gradients_cover_every_trainable_parameter(freeze: float) -> None:
+@pytest.mark.parametrize(("freeze", "token_drop"), [(0.8, 0.0), (0.0, 0.0), (0.8, 0.5)])
+def test_opacus_per_sample_gradients_cover_every_trainable_parameter(
+    freeze: float, token_drop: float
+) -> None:
     # DP-SGD (federated area) needs a per-sample gradient for each trainable tensor.
     opacus = pytest.importorskip("opacus")
     from opacus.validators import ModuleValidator
 
     # Prepare
     torch.manual_seed(0)
-    model = HybridConvNeXtViT(4, **TINY, freeze_fraction=freeze, dropout=0.0)
+    model = HybridConvNeXtViT(
+        4, **TINY, freeze_fraction=freeze, dropout=0.0, token_drop=token_drop
+    ).train()
     assert ModuleValidator.validate(model, strict=False) == []
     gsm = opacus.GradSampleModule(model, loss_reduction="sum")
     # Execute

@@ -9,7 +9,9 @@
       -> LayerNorm + Linear projection to embed_dim                        (B, N, D)
       -> + learned position embeddings (grid from image_size, bicubic
            interpolation when the runtime grid differs)
-      -> dropout -> depth x pre-norm Transformer blocks (timm ``Block``: 8-head self-attention,
+      -> dropout; in training, token dropout (``token_drop``: a random subset of the
+           tokens, timm ``PatchDropout``; every token at inference)
+      -> depth x pre-norm Transformer blocks (timm ``Block``: 8-head self-attention,
            GELU MLP, residual connections around LayerNorm'd sub-layers)
       -> final LayerNorm -> mean over tokens (global average pooling)      (B, D)
       -> dropout -> Linear head                                           (B, num_classes)
@@ -35,6 +37,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.layers import PatchDropout
 from timm.models.vision_transformer import Block
 
 from kidneyscan.models import sequence
@@ -75,6 +78,7 @@ GENERIC_DEFAULTS: dict[str, Any] = {
     "token_pool_mode": "avg",
     "flip_tta": False,
     "freeze_fraction": 0.8,
+    "token_drop": 0.0,
 }
 #: The measured recipe per backbone (docs/models.md): for the CT ResNet-152, tokens from layer3
 #: (14 x 21 at 224 x 336) max-pooled 2 x 2 to 7 x 11 ranked above average pooling and above its
@@ -124,6 +128,12 @@ class HybridCNNTransformer(nn.Module):
         kept) before it becomes tokens: ``layer3`` of the CT ResNet (14 x 21) pooled by 2
         gives 7 x 11 tokens, the cost of the last stage's grid with an earlier stage's
         features.
+    token_drop
+        Fraction of the spatial tokens left out of each training sample, drawn at random
+        per sample (PatchDropout, Liu et al. 2022, arXiv:2208.07220; timm's ``PatchDropout``);
+        inference always sees every token. A regulariser that also cuts the encoder's
+        training cost by about that fraction: the cheap way to train on all 14 x 21
+        ``layer3`` tokens. Default 0.
     embed_dim
         Token width after the projection.
     depth
@@ -161,6 +171,7 @@ class HybridCNNTransformer(nn.Module):
         token_pool: int | None = None,
         token_pool_mode: str | None = None,
         flip_tta: bool | None = None,
+        token_drop: float | None = None,
         embed_dim: int = 768,
         depth: int = 2,
         num_heads: int = 8,
@@ -179,12 +190,14 @@ class HybridCNNTransformer(nn.Module):
             "token_pool_mode": token_pool_mode,
             "flip_tta": flip_tta,
             "freeze_fraction": freeze_fraction,
+            "token_drop": token_drop,
         }
         opts = {**GENERIC_DEFAULTS, **BACKBONE_DEFAULTS.get(backbone, {})}
         opts.update({k: v for k, v in given.items() if v is not None})
         token_stage, token_pool = int(opts["token_stage"]), int(opts["token_pool"])
         token_pool_mode, flip_tta = str(opts["token_pool_mode"]), bool(opts["flip_tta"])
         freeze_fraction = float(opts["freeze_fraction"])
+        token_drop = float(opts["token_drop"])
         #: The resolved recipe options (checkpoints store them, so a later change of the
         #: defaults cannot change how a saved model is rebuilt).
         self.options = {k: opts[k] for k in given}
@@ -196,6 +209,8 @@ class HybridCNNTransformer(nn.Module):
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if not 0.0 <= token_drop < 1.0:
+            raise ValueError(f"token_drop must be in [0, 1), got {token_drop}")
         if image_size < 16 or (image_width is not None and image_width < 16):
             raise ValueError(f"image size must be >= 16 px, got {image_size} x {image_width}")
         self.num_classes = num_classes
@@ -233,6 +248,10 @@ class HybridCNNTransformer(nn.Module):
         self.proj = nn.Linear(feat_chs, embed_dim)
         self.pos_embed = PositionEmbedding(grid, embed_dim)
         self.pos_drop = nn.Dropout(dropout)
+        self.token_drop: nn.Module = nn.Identity()
+        if token_drop > 0:
+            # No prefix (class) token to spare; ordered keeps the kept tokens in grid order.
+            self.token_drop = PatchDropout(token_drop, num_prefix_tokens=0, ordered=True)
         self.blocks = nn.ModuleList(
             Block(
                 dim=embed_dim,
@@ -345,11 +364,13 @@ class HybridCNNTransformer(nn.Module):
 
     def tokens_from_map(self, fmap: torch.Tensor) -> torch.Tensor:
         """Spatial tokens ``(B, h*w, embed_dim)`` (incl. position embeddings) of a token-stage
-        feature map (pooled here when ``token_pool > 1``)."""
+        feature map (pooled here when ``token_pool > 1``); in training with ``token_drop``
+        a random ``round((1 - token_drop) * h*w)`` of them per sample."""
         fmap = self.token_pool(fmap)
         t = self.proj(self.token_norm(fmap.permute(0, 2, 3, 1)))  # (B, h, w, D)
         t = self.pos_embed(t).flatten(1, 2)  # (B, h*w, D), row-major over the grid
-        out: torch.Tensor = self.pos_drop(t)
+        # After the position embeddings, so a kept token still says where it was.
+        out: torch.Tensor = self.token_drop(self.pos_drop(t))
         return out
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
