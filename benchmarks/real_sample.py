@@ -291,9 +291,10 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     for j, r in enumerate(rev):
         ax.plot(r["fold_macro_f1"], [j] * len(r["fold_macro_f1"]), "k.", ms=4)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("macro-F1 (bar: pooled, 95 % CI; dots: the 5 band folds)")
+    ax.set_xlabel("macro-F1\n(bar: pooled, 95 % CI; dots: the 5 band folds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    # Long row names push the axes right: save the whole figure, not the default canvas.
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

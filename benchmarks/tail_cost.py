@@ -8,11 +8,15 @@ This times the tails side by side (forward + backward + AdamW step, batch 8, int
 repetitions, random inputs of the real shapes) so the choices read as ratios: cached vs
 uncached (issue: cached epochs >= 10x faster) and fully frozen vs 80 % frozen. ``--bf16``
 runs every step under bf16 autocast, as the default recipe does where the CPU has native
-bf16. Writes ``benchmarks/results/tail_cost.{json,md}``.
+bf16. Two more tails read the full 14 x 21 layer3 grid (294 tokens instead of the default's
+2 x 2 max-pooled 77), with and without 75 % token dropout; next to the training step, the
+tail's inference forward (eval mode, every token) is timed, which is what token dropout does
+not save. Writes ``benchmarks/results/<name>.{json,md}`` (``--name``, default ``tail_cost``).
 
 Usage::
 
     python benchmarks/tail_cost.py --reps 3 --bf16
+    python benchmarks/tail_cost.py --reps 3 --name tail_cost_fp32     # a CPU without bf16
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,11 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 PIXELS = (3, 224, 336)
 
 
-def _tail(freeze: float, token_stage: int | None) -> tuple[FrozenSplit, tuple[int, ...]]:
+def _tail(freeze: float, options: dict[str, Any]) -> tuple[FrozenSplit, tuple[int, ...]]:
     cfg = ExperimentConfig()
-    kwargs = {**cfg.model_kwargs, "freeze_fraction": freeze}
-    if token_stage is not None:
-        kwargs["token_stage"] = token_stage
+    kwargs = {**cfg.model_kwargs, "freeze_fraction": freeze, **options}
     model, _ = build_model(cfg.replace(model_kwargs=kwargs, weights="none"), 4)
     split = FrozenSplit(model)
     with torch.no_grad():
@@ -65,6 +68,17 @@ def _step(split: FrozenSplit, shape: tuple[int, ...], pixels: bool, batch: int) 
     return time.perf_counter() - t0
 
 
+def _infer(split: FrozenSplit, shape: tuple[int, ...], batch: int) -> float:
+    """Seconds of the tail's inference forward on cached features (eval mode, no autograd)."""
+    tail = split.tail
+    tail.eval()
+    x = torch.randn(batch, *shape)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        tail(x)
+    return time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Time the tails side by side and write the table."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -73,27 +87,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=max(1, os.cpu_count() or 1))
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast, as the recipe on bf16 CPUs")
     ap.add_argument("--note", default="")
+    ap.add_argument("--name", default="tail_cost", help="result file stem under --results")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks/results")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    variants = {
-        "fully frozen (default), cached features: layer3 tokens, encoder, head": (1.0, None, False),
+    full_grid = {"token_pool": 1}
+    variants: dict[str, tuple[float, dict[str, Any], bool]] = {
+        "fully frozen (default), cached features: layer3 tokens, encoder, head": (1.0, {}, False),
         "fully frozen, uncached: frozen ResNet-152 prefix on pixels + the same tail": (
             1.0,
-            None,
+            {},
             True,
         ),
-        "80 % frozen, layer3 tokens: last 8 layer3 blocks + encoder + head": (0.8, None, False),
+        "80 % frozen, layer3 tokens: last 8 layer3 blocks + encoder + head": (0.8, {}, False),
         "80 % frozen, layer4 tokens: last 8 layer3 + 3 layer4 blocks + encoder + head": (
             0.8,
-            -1,
+            {"token_stage": -1},
+            False,
+        ),
+        "fully frozen, cached, all 294 layer3 tokens (no 2 x 2 pooling)": (1.0, full_grid, False),
+        "fully frozen, cached, all 294 layer3 tokens, 75 % token dropout": (
+            1.0,
+            {**full_grid, "token_drop": 0.75},
             False,
         ),
     }
     built = {
-        name: (*_tail(freeze, stage), pixels) for name, (freeze, stage, pixels) in variants.items()
+        name: (*_tail(freeze, options), pixels)
+        for name, (freeze, options, pixels) in variants.items()
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
+    infer: dict[str, list[float]] = {name: [] for name in variants if not variants[name][2]}
     autocast = (
         torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
     )
@@ -101,9 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         for name, (split, shape, pixels) in built.items():
             with autocast:
                 seconds = _step(split, shape, pixels, args.batch)
+                forward = None if pixels else _infer(split, shape, args.batch)
             if rep:
                 times[name].append(seconds)
+                if forward is not None:
+                    infer[name].append(forward)
     base = min(times[next(iter(times))])
+    base_infer = min(infer[next(iter(infer))])
     rows = []
     for name, (split, shape, pixels) in built.items():
         best = min(times[name])
@@ -118,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                 "step_s": best,
                 "images_per_s": args.batch / best,
                 "ratio": best / base,
+                "infer_s": min(infer[name]) if name in infer else None,
+                "infer_ratio": min(infer[name]) / base_infer if name in infer else None,
             }
         )
     meta = {
@@ -131,27 +161,33 @@ def main(argv: list[str] | None = None) -> int:
         "reps": args.reps,
     }
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "tail_cost.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.results / f"{args.name}.json").write_text(
+        json.dumps({"meta": meta, "rows": rows}, indent=2)
+    )
     lines = [
         "# Training-step cost of the default hybrid: cached vs uncached, per freeze depth"
         + (" (bf16 autocast)" if args.bf16 else " (fp32)"),
         "",
         "| tail | input of the step | trainable parameters | step, batch "
-        f"{args.batch} (s, best of {args.reps}) | images/s | x fully frozen, cached |",
-        "|---|---|---|---|---|---|",
+        f"{args.batch} (s, best of {args.reps}) | images/s | x fully frozen, cached | "
+        "inference forward of the tail (s) | x default's forward |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         shape = " x ".join(str(v) for v in r["feature_shape"])
+        infer_cells = (
+            f"{r['infer_s']:.2f} | {r['infer_ratio']:.1f}" if r["infer_s"] is not None else "- | -"
+        )
         lines.append(
             f"| {r['tail']} | {r['cut']} ({shape}) | {r['trainable_params'] / 1e6:.1f} M | "
-            f"{r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['ratio']:.1f} |"
+            f"{r['step_s']:.2f} | {r['images_per_s']:.1f} | {r['ratio']:.1f} | {infer_cells} |"
         )
     lines += [
         "",
         f"`{meta['command'].strip()}` ({meta['machine']}{'; ' + args.note if args.note else ''})",
         "",
     ]
-    (args.results / "tail_cost.md").write_text("\n".join(lines))
+    (args.results / f"{args.name}.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 
