@@ -272,6 +272,27 @@ def test_help_texts() -> None:
         assert res.exit_code == 0 and "Usage" in res.output
 
 
+def test_demo_hands_its_model_options_to_the_federated_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kidneyscan.federated import simulation
+
+    seen: dict = {}
+
+    def fake_demo(out: Path, **kwargs: object) -> dict:
+        seen.update(kwargs)
+        raise RuntimeError("stop before the simulation")
+
+    monkeypatch.setattr(simulation, "demo_federated", fake_demo)
+    args = ["demo", "--out", str(tmp_path / "d"), "--model-kwarg", "token_drop=0.75"]
+    res = runner.invoke(app, [*args, "--model-kwarg", "token_pool=1"])
+    assert seen["model_kwargs"] == {"token_drop": 0.75, "token_pool": 1}
+    assert "stop before the simulation" in repr(res.exception)
+    # The central demo has no such options: refused, not ignored.
+    res = runner.invoke(app, [*args, "--central"])
+    assert res.exit_code != 0 and "--model-kwarg applies to the federated demo" in res.output
+
+
 @pytest.mark.slow
 def test_central_demo_runs_end_to_end_on_a_tiny_phantom(tmp_path: Path) -> None:
     out = tmp_path / "demo"

@@ -410,12 +410,20 @@ def demo(
         "--central",
         help="Train centrally instead (the pre-federated demo: ConvNeXt from scratch, 64 px).",
     ),
+    model_kwarg: list[str] | None = typer.Option(
+        None,
+        "--model-kwarg",
+        help="Hybrid option KEY=VALUE over the demo's own (federated demo), e.g. token_drop=0.75.",
+    ),
 ) -> None:
     """Phantom hospitals (3 sites) -> each caches its CT-backbone features once -> federated
     training of the hybrid's head (FedAvg, Flower simulation) -> metrics and report ->
     OUT/checkpoint/ (served by `kidneyscan serve`). Flower's log goes to OUT/flower.log."""
     _setup_logging(False)
     _set_threads(threads)
+    model_kwargs = _parse_kv(model_kwarg, "--model-kwarg")
+    if central and model_kwargs:
+        raise typer.BadParameter("--model-kwarg applies to the federated demo, not --central")
     if central:
         from kidneyscan.experiment import demo_central
 
@@ -429,7 +437,9 @@ def demo(
     from kidneyscan.federated.simulation import demo_federated
 
     t0 = time.perf_counter()
-    summary = demo_federated(out, n=n, rounds=rounds, local_epochs=local_epochs, seed=seed)
+    summary = demo_federated(
+        out, n=n, rounds=rounds, local_epochs=local_epochs, seed=seed, model_kwargs=model_kwargs
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     best = summary.get("best") or {}
     _print_metrics(

@@ -199,9 +199,16 @@ DEMO_PREPROCESSING = [{"name": "crop_kidney_band"}]
 
 
 def demo_config(
-    out: Path, prepared: Mapping[str, Any], *, rounds: int, local_epochs: int, seed: int
+    out: Path,
+    prepared: Mapping[str, Any],
+    *,
+    rounds: int,
+    local_epochs: int,
+    seed: int,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The demo's run config: FedAvg of the default hybrid's trainable head on cached features."""
+    """The demo's run config: FedAvg of the default hybrid's trainable head on cached features
+    (``model_kwargs``: hybrid options over the demo's own, e.g. ``{"token_drop": 0.75}``)."""
     sites = int(prepared["num-clients"])
     return {
         "strategy": "fedavg",
@@ -210,7 +217,7 @@ def demo_config(
         "local-epochs": local_epochs,
         "min-clients": sites,
         "model": "hybrid",
-        "model-kwargs": json.dumps(DEMO_MODEL_KWARGS),
+        "model-kwargs": json.dumps({**DEMO_MODEL_KWARGS, **(model_kwargs or {})}),
         "image-size": 224,
         "preprocessing": json.dumps(DEMO_PREPROCESSING),
         "cache-features": True,
@@ -258,6 +265,7 @@ def demo_federated(
     local_epochs: int = 1,
     sites: int = 3,
     seed: int = 0,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Phantom hospitals -> federated training of the default hybrid's head -> report, checkpoint.
 
@@ -267,7 +275,8 @@ def demo_federated(
     CT-backbone features of its images once (:func:`cache_site_features`); the rounds train
     the Transformer head on them. The selected global model is written to
     ``<out_dir>/checkpoint``, the report to ``<out_dir>/report.md``, Flower's log to
-    ``<out_dir>/flower.log``.
+    ``<out_dir>/flower.log``. ``model_kwargs`` change the hybrid's options (the demo's own,
+    :data:`DEMO_MODEL_KWARGS`, apply otherwise).
 
     Returns
     -------
@@ -293,7 +302,14 @@ def demo_federated(
         local_val_fraction=0.15,
         seed=seed,
     )
-    config = demo_config(out, prepared, rounds=rounds, local_epochs=local_epochs, seed=seed)
+    config = demo_config(
+        out,
+        prepared,
+        rounds=rounds,
+        local_epochs=local_epochs,
+        seed=seed,
+        model_kwargs=model_kwargs,
+    )
     with logs.to_file(out / "flower.log"):  # model loading notes, cache messages
         cache_site_features(config)
     return simulate(config, num_clients=sites)
