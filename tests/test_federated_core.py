@@ -116,6 +116,8 @@ def test_demo_trains_the_default_hybrids_head_on_one_cached_view(tmp_path: Path)
     assert provenance.get("sha256") == ASTRA_SHA256
     assert store.views == ("orig",)
     assert task.build_preprocessor(cfg).input_size == (224, 336)
+    # The phantom's band is mostly bowel and fat: the demo masks all but the kidneys.
+    assert [s["name"] for s in task.build_preprocessor(cfg).steps] == ["crop_kidney_band_masked"]
     # Options given to the demo go over its own, which stay unless overridden.
     other = demo_config(tmp_path, prepared, rounds=1, local_epochs=1, seed=0,
                         model_kwargs={"token_pool": 1, "token_drop": 0.75})  # fmt: skip

@@ -18,6 +18,7 @@ EXPECTED_STEPS = {
     "mean_arithmetic", "mean_geometric", "mean_harmonic", "mean_contraharmonic", "median",
     "median_adaptive", "mean_alpha_trimmed", "wiener", "nlm", "tv", "bm3d", "notch",
     "restore_auto", "denoise", "dilate", "erode", "open", "close", "crop_kidney_band", "crop_body",
+    "crop_kidney_band_masked",
 }  # fmt: skip
 
 

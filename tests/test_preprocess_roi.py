@@ -86,3 +86,57 @@ def test_spine_found_on_real_slices(real_data: Path) -> None:
     samples = scan_dataset(real_data)[::5]
     found = [roi.kidney_band_box(load_image(s.path)).source == "spine" for s in samples]
     assert np.mean(found) >= 0.95
+
+
+def test_masked_band_keeps_the_kidneys_and_fills_the_rest(phantom128: Path) -> None:
+    # Prepare: the first 12 phantom slices with their true kidney and lesion masks
+    from kidneyscan.preprocess import anatomy
+
+    samples = scan_dataset(phantom128)[:12]
+    pre = Preprocessor(steps=[{"name": "crop_kidney_band_masked"}], image_size=32, image_width=48)
+    kept, filled = [], []
+    for s in samples:
+        img = load_image(s.path)
+        kidney = np.array(Image.open(phantom128 / "masks" / f"{s.image_id}_kidney.png")) > 0
+        # Execute
+        out, box = pre.apply_steps_with_roi(img)
+        full = anatomy.mask_outside_kidneys(img)
+        # Assert: the same box as the plain band (found on the unmasked slice), cut from the
+        # masked slice, equal to the step called on its own
+        ref = roi.kidney_band_box(img)
+        assert box == ref.to_dict()
+        t, lft, b, r = ref.as_tuple()
+        np.testing.assert_array_equal(out, full[t:b, lft:r])
+        np.testing.assert_array_equal(out, anatomy.crop_kidney_band_masked(img))
+        untouched = full == img
+        kept.append(untouched[kidney].mean())
+        filled.append((full[t:b, lft:r] == np.float32(anatomy.MASK_FILL)).mean())
+    # Assert: nearly all true kidney pixels keep their grey level, and most of the band is fill
+    assert np.mean(kept) >= 0.9, kept
+    assert np.mean(filled) >= 0.5, filled
+    assert pre.image(load_image(samples[0].path)).shape == (32, 48)
+
+
+def test_masked_band_without_kidneys_is_the_plain_band_and_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from kidneyscan.preprocess import anatomy
+
+    # Prepare: a soft-tissue ellipse, no bone: no vertebra, so no kidney either
+    yy, xx = np.mgrid[0:128, 0:128]
+    body = np.zeros((128, 128), np.float32)
+    body[((yy - 64) / 40.0) ** 2 + ((xx - 64) / 55.0) ** 2 <= 1] = 0.5
+    # Execute
+    with caplog.at_level(logging.WARNING):
+        out = anatomy.crop_kidney_band_masked(body)
+    # Assert: nothing masked, a warning naming the missing kidneys, and bad options refused
+    np.testing.assert_array_equal(out, roi.crop_kidney_band(body))
+    assert "no kidney found" in caplog.text
+    with pytest.raises(ValueError, match="dilate must be in"):
+        anatomy.mask_outside_kidneys(body, dilate=0.5)
+    with pytest.raises(ValueError, match="fill must be"):
+        anatomy.mask_outside_kidneys(body, fill=2.0)
+    with pytest.raises(ValueError, match="pixels= needs box="):
+        from kidneyscan.preprocess.pipeline import register_step
+
+        register_step("x", pixels=lambda im: im)

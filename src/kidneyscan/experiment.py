@@ -94,12 +94,16 @@ def run_weights(cfg: ExperimentConfig) -> str | None:
     return default_weights(cfg.model, **cfg.model_kwargs)
 
 
+#: Pipeline steps that crop to the kidney band (its 3:2 box), plain or with the rest masked.
+BAND_STEPS = ("crop_kidney_band", "crop_kidney_band_masked")
+
+
 def input_width(cfg: ExperimentConfig) -> int:
     """The run's input width: ``cfg.image_width``, else 3:2 for the kidney band (its box is
     300 x 200 px of a 512 px slice), else the model's own aspect (square for most)."""
     if cfg.image_width is not None:
         return cfg.image_width
-    if cfg.steps and cfg.steps[0].get("name") == "crop_kidney_band":
+    if cfg.steps and cfg.steps[0].get("name") in BAND_STEPS:
         return round(cfg.image_size * 1.5)
     try:
         kwargs = {**cfg.model_kwargs, "image_size": cfg.image_size}

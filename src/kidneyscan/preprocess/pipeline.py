@@ -22,6 +22,9 @@ STEPS: dict[str, Callable[..., np.ndarray]] = {}
 #: source`` (see :class:`kidneyscan.preprocess.roi.RoiBox`). The pipeline crops to that box
 #: itself, so the box it reports is exactly the crop the model saw.
 STEP_BOXES: dict[str, Callable[..., Any]] = {}
+#: ROI steps that also change pixels: name -> function(image, **params) -> the full-size image
+#: the box is cut from (the box itself is found on the step's input).
+STEP_PIXELS: dict[str, Callable[..., np.ndarray]] = {}
 #: Steps that existed once, and what replaces them (a clear error for old configs).
 RETIRED_STEPS: dict[str, str] = {
     "crop_kidneys": "crop_kidney_band (found both kidneys on 8 of 40 real slices; retired)",
@@ -32,18 +35,27 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def register_step(
-    name: str, *, box: Callable[..., Any] | None = None
+    name: str,
+    *,
+    box: Callable[..., Any] | None = None,
+    pixels: Callable[..., np.ndarray] | None = None,
 ) -> Callable[[Callable[..., np.ndarray]], Callable[..., np.ndarray]]:
     """Decorator: make an image function usable as a pipeline step under ``name``.
 
     ``box``: for a crop step, the function returning its crop box (same parameters); the
-    pipeline then reports that box (:meth:`Preprocessor.apply_steps_with_roi`).
+    pipeline then reports that box (:meth:`Preprocessor.apply_steps_with_roi`). ``pixels``:
+    for a crop step that also changes pixels, the function returning the full-size image the
+    box is cut from (same parameters; the box is found on the unchanged input).
     """
+    if pixels is not None and box is None:
+        raise ValueError(f"step {name!r}: pixels= needs box= (it belongs to a crop step)")
 
     def deco(fn: Callable[..., np.ndarray]) -> Callable[..., np.ndarray]:
         STEPS[name] = fn
         if box is not None:
             STEP_BOXES[name] = box
+        if pixels is not None:
+            STEP_PIXELS[name] = pixels
         return fn
 
     return deco
@@ -53,7 +65,7 @@ def _ensure_steps_registered() -> None:
     # The DIP modules register their steps on import; importing here keeps users from having to.
     import importlib
 
-    for mod in ("enhance", "restore", "segment", "morphology", "roi"):
+    for mod in ("enhance", "restore", "segment", "morphology", "roi", "anatomy"):
         try:
             importlib.import_module(f"kidneyscan.preprocess.{mod}")
         except ModuleNotFoundError as exc:
@@ -136,6 +148,9 @@ class Preprocessor:
                 out = STEPS[step["name"]](out, **params)
             else:
                 b = box_fn(out, **params)
+                edit = STEP_PIXELS.get(step["name"])
+                if edit is not None:
+                    out = edit(out, **params)
                 out = out[b.top : b.bottom, b.left : b.right]
                 dy, dx = (roi["top"], roi["left"]) if roi else (0, 0)
                 roi = {

@@ -239,8 +239,9 @@ class Predictor:
     def warm_up(self, *, explain: bool = True) -> None:
         """Run one inference (and one Grad-CAM) on a blank image; then sets :attr:`ready`."""
         blank = np.zeros(self.input_size, dtype=np.float32)
-        # A blank image has no body: the ROI step's "whole image used" warning means nothing here.
-        roi_log = logging.getLogger("kidneyscan.preprocess.roi")
+        # A blank image has no body: the ROI steps' "whole image used" / "no kidney found"
+        # warnings mean nothing here.
+        roi_log = logging.getLogger("kidneyscan.preprocess")
         level = roi_log.level
         roi_log.setLevel(logging.ERROR)
         try:
