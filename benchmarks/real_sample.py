@@ -111,6 +111,19 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
         DEFAULT,
         True,
     ),
+    # The same prior in pixels: all but the (dilated) kidneys set to fat grey before the
+    # backbone (the demo's preprocessing; on the phantom it lifts the probe from 0.41 to 0.6).
+    "probe_masked": (
+        "linear probe, CT backbone, kidney band with all but the kidneys masked",
+        _cfg(steps=[{"name": "crop_kidney_band_masked"}]),
+        True,
+    ),
+    "masked": (
+        "the default recipe (hybrid, CT backbone frozen) on the kidney band with all but the "
+        "kidneys masked",
+        _cfg(steps=[{"name": "crop_kidney_band_masked"}]),
+        False,
+    ),
     "probe_clahe": (
         "linear probe, CT backbone, kidney band + CLAHE",
         _cfg(steps=[*BAND, {"name": "clahe"}]),
