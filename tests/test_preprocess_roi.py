@@ -89,7 +89,7 @@ def test_spine_found_on_real_slices(real_data: Path) -> None:
 
 
 def test_masked_band_keeps_the_kidneys_and_fills_the_rest(phantom128: Path) -> None:
-    # Prepare: the first 12 phantom slices with their true kidney and lesion masks
+    # Prepare: the first 12 phantom slices with their true kidney masks
     from kidneyscan.preprocess import anatomy
 
     samples = scan_dataset(phantom128)[:12]
