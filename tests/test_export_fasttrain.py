@@ -38,6 +38,38 @@ def test_split_matches_model_and_builds_no_graph_for_frozen_prefix():
     assert out.grad_fn is not None
 
 
+def test_prefix_features_fold_batchnorm_and_follow_changed_weights():
+    """Breaks if the fast prefix (BatchNorm folded, channels-last) gave other features than the
+    plain prefix in eval mode, kept BatchNorm, or went stale after a prefix weight changed."""
+    # Prepare: a ResNet prefix (BatchNorm after every convolution)
+    from kidneyscan.models.factory import create_classifier
+    from kidneyscan.models.frozen import FrozenSplit
+
+    torch.manual_seed(0)
+    model = create_classifier(
+        "hybrid", 4, backbone="resnet10t", token_stage=2, freeze_fraction=1.0, image_size=64,
+        embed_dim=32, depth=1, num_heads=4,
+    )  # fmt: skip
+    split = FrozenSplit(model)
+    x = torch.randn(2, 3, 64, 64)
+
+    def plain() -> torch.Tensor:
+        with torch.no_grad():
+            return split.prefix.eval()(x)
+
+    # Execute
+    first = split.features(x)
+    with torch.no_grad():
+        next(split.prefix.parameters()).mul_(1.5)
+    second = split.features(x)
+    # Assert
+    fast = split.__dict__["_fast"][1]
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())
+    assert first.is_contiguous() and second.is_contiguous()
+    torch.testing.assert_close(second, plain(), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-3)
+
+
 def test_split_refuses_unfrozen_model_and_other_architectures():
     # Prepare
     from kidneyscan.export.fasttrain import FrozenSplit

