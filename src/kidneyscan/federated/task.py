@@ -257,27 +257,11 @@ def build_model(cfg: Mapping[str, Any], classes: Sequence[str] = CLASSES) -> nn.
     """Create the classifier from the run config, seeded so every site builds the same weights.
 
     The frozen part of the backbone never travels: identical initialisation (same seed, or the
-    same offline weights) is what keeps it identical across sites. Each call returns a new copy
-    of one pristine model per process (built once per config), so nothing a round trains
-    carries into the next call.
+    same offline weights) is what keeps it identical across sites.
     """
-    exp = experiment_config(cfg)
-    key = json.dumps([exp.to_dict(), int(cfg["seed"]), list(classes)], sort_keys=True, default=str)
-    if key not in _BUILT:
-        torch.manual_seed(int(cfg["seed"]))
-        model, _ = build_central_model(exp, len(classes))
-        _BUILT.clear()  # one model per process: a federated worker serves one run
-        _BUILT[key] = (model, torch.get_rng_state())
-    model, rng_state = _BUILT[key]
-    # The random stream continues as after a fresh build, so dropout draws stay reproducible.
-    torch.set_rng_state(rng_state)
-    return copy.deepcopy(model)
-
-
-#: The model :func:`build_model` last built in this process, with the RNG state after it. A
-#: Flower worker builds the model for every train and evaluate call; loading and deflating the
-#: CT backbone's weights each time took longer than a round's training on cached features.
-_BUILT: dict[str, tuple[nn.Module, torch.Tensor]] = {}
+    torch.manual_seed(int(cfg["seed"]))
+    model, _ = build_central_model(experiment_config(cfg), len(classes))
+    return model
 
 
 def build_preprocessor(cfg: Mapping[str, Any]) -> Preprocessor:
