@@ -20,14 +20,9 @@ _GROUPING_HELP = (
 
 
 def _setup_logging() -> None:
-    from rich.logging import RichHandler
+    from kidneyscan.cli._logging import setup_console_logging
 
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False)],
-        force=True,
-    )
+    setup_console_logging(logging.INFO)
 
 
 def _fail(exc: Exception) -> typer.Exit:

@@ -51,14 +51,9 @@ def _fail(exc: Exception) -> None:
 def _setup_logging(verbose: bool) -> None:
     import logging
 
-    from rich.logging import RichHandler
+    from kidneyscan.cli._logging import setup_console_logging
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False)],
-        force=True,
-    )
+    setup_console_logging(logging.INFO if verbose else logging.WARNING)
 
 
 def _set_threads(threads: int | None) -> None:
