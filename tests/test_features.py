@@ -73,6 +73,61 @@ def test_store_computes_each_image_once_keyed_by_content(
     torch.testing.assert_close(first.features[0, 1], mirrored, atol=0.02, rtol=0.02)
 
 
+def test_onnx_engine_stores_the_torch_features_and_exports_once(
+    phantom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the same images through the PyTorch fp32 prefix and through ONNX Runtime
+    samples = scan_dataset(phantom_dir)[:4]
+    split = _split()
+    ref = FeatureStore(split, PRE, root=tmp_path / "torch", compute="fp32").load(samples)
+    exports: list[int] = []
+    import kidneyscan.export.onnx as onnx_mod
+
+    original = onnx_mod.export_bytes
+
+    def counting(*args: object, **kwargs: object) -> bytes:
+        exports.append(1)
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_mod, "export_bytes", counting)
+    # Execute: extract, then a second store (another run) on new images of the same cache
+    store = FeatureStore(split, PRE, root=tmp_path / "onnx", compute="onnx", batch_size=3)
+    got = store.load(samples)
+    later = FeatureStore(split, PRE, root=tmp_path / "onnx", compute="onnx")
+    later.load(scan_dataset(phantom_dir)[4:6])
+    # Assert: both views equal PyTorch's within bf16 storage, one export for both runs
+    torch.testing.assert_close(got.features.float(), ref.features.float(), atol=0.02, rtol=0.02)
+    assert exports == [1] and store.folder != FeatureStore(split, PRE, compute="fp32").folder
+    assert sorted(p.name for p in store.folder.glob("*.onnx")) == ["prefix_3x64x96.onnx"]
+    with pytest.raises(ValueError, match="compute must be 'auto' or one of"):
+        FeatureStore(split, PRE, compute="int8")
+
+
+def test_auto_engine_falls_back_to_torch_when_the_export_fails(
+    phantom_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import kidneyscan.export.onnx as onnx_mod
+    import kidneyscan.features as features_mod
+
+    def broken(*args: object, **kwargs: object) -> bytes:
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnx_mod, "export_bytes", broken)
+    monkeypatch.setattr(features_mod, "default_compute", lambda: "onnx")
+    samples = scan_dataset(phantom_dir)[:2]
+    split = _split()
+    auto = FeatureStore(split, PRE, root=tmp_path / "a")
+    got = auto.load(samples)
+    ref = FeatureStore(split, PRE, root=tmp_path / "b", compute="fp32").load(samples)
+    torch.testing.assert_close(got.features.float(), ref.features.float(), atol=0.02, rtol=0.02)
+    assert auto.onnx_prefix is None and "unsupported operator" in caplog.text
+    with pytest.raises(RuntimeError, match="unsupported operator"):  # asked for by name
+        FeatureStore(split, PRE, root=tmp_path / "c", compute="onnx").load(samples)
+
+
 def test_store_misses_when_preprocessing_or_weights_change(tmp_path: Path) -> None:
     split = _split()
     a = FeatureStore(split, PRE, root=tmp_path)

@@ -32,19 +32,22 @@ def _samples(phantom_dir: Path) -> list:
 
 
 def _count_features(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
-    """Count frozen-prefix forward passes; the on-disk cache lives under ``tmp_path``."""
-    from kidneyscan.features import CACHE_ENV
+    """Count frozen-prefix forward passes, through PyTorch or ONNX Runtime (the extraction
+    engine depends on the CPU); the on-disk cache lives under ``tmp_path``."""
+    from kidneyscan.features import CACHE_ENV, OnnxPrefix
     from kidneyscan.models.frozen import FrozenSplit
 
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "features"))
     calls = [0]
-    original = FrozenSplit.features
+    for cls, name in ((FrozenSplit, "features"), (OnnxPrefix, "__call__")):
+        original = getattr(cls, name)
 
-    def counting(self: FrozenSplit, x: torch.Tensor) -> torch.Tensor:
-        calls[0] += 1
-        return original(self, x)
+        def counting(self: Any, x: torch.Tensor, original: Any = original) -> torch.Tensor:
+            calls[0] += 1
+            out: torch.Tensor = original(self, x)
+            return out
 
-    monkeypatch.setattr(FrozenSplit, "features", counting)
+        monkeypatch.setattr(cls, name, counting)
     return calls
 
 
