@@ -57,3 +57,27 @@ def test_setup_counts_the_kidney_mask_fallback() -> None:
     finally:
         root.handlers, root.level = saved[0], saved[1]
         filt.counts.clear()
+
+
+def test_a_command_prints_the_counts_when_it_ends_and_lets_later_lines_through() -> None:
+    import click
+    from click.testing import CliRunner
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+
+    @click.command()
+    def scan() -> None:
+        setup_console_logging(logging.WARNING)
+        for _ in range(3):
+            logging.getLogger("kidneyscan.preprocess.roi").warning("kidney band: no vertebra")
+
+    try:
+        res = CliRunner().invoke(scan)
+        assert res.exit_code == 0, res.output
+        assert res.output.count("kidney band: no vertebra") == 2  # the line, then its count
+        assert "WARNING kidney band: no vertebra (3 times in all; shown once above)" in res.output
+        # after the command, the console handler holds nothing back any more
+        assert all(not h.filters for h in logging.getLogger().handlers)
+    finally:
+        root.handlers, root.level = saved[0], saved[1]

@@ -1,5 +1,5 @@
-"""Console logging of the batch commands: a warning that repeats per slice is shown once, then
-counted, and the count is printed when the command ends.
+"""Console logging of the batch commands: a line that repeats (a fallback warning per slice) is
+shown once, then counted, and the count is printed when the command ends.
 
 The kidney-band and kidney-mask steps log a fallback for each slice they cannot place (on the
 real sample, about one slice in ten has no kidney the anatomy segmentation finds), so over a
@@ -48,21 +48,28 @@ class RepeatSummary(logging.Filter):
         self.counts.clear()
 
 
-_REPEATS = RepeatSummary()
-_REGISTERED: list[bool] = []
-
-
 def setup_console_logging(level: int) -> RepeatSummary:
-    """Root logging to the console through Rich, with repeats summarised when the process
-    exits; returns the filter (its counts start at zero)."""
+    """Root logging to the console through Rich, each distinct line once; returns the filter.
+
+    When the command ends (its Click context closes; at interpreter exit outside a command) the
+    repeat counts are printed and the filter is taken off again, so nothing is held back
+    without being counted on the console.
+    """
+    import click
     from rich.logging import RichHandler
 
     handler = RichHandler(show_path=False, show_time=False)
-    handler.addFilter(_REPEATS)
+    repeats = RepeatSummary()
+    handler.addFilter(repeats)
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
-    _REPEATS.counts.clear()
-    if not _REGISTERED:
-        # atexit runs last-registered first, so this prints before logging shuts down.
-        atexit.register(_REPEATS.report)
-        _REGISTERED.append(True)
-    return _REPEATS
+
+    def close() -> None:
+        handler.removeFilter(repeats)
+        repeats.report()
+
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None:
+        ctx.call_on_close(close)
+    else:
+        atexit.register(close)
+    return repeats
