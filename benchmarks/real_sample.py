@@ -144,6 +144,18 @@ ROWS: dict[str, tuple[str, ExperimentConfig, bool]] = {
         _cfg(steps=BILATERAL),
         False,
     ),
+    # The two changes that each beat the default (full token grid with dropout; bilateral
+    # smoothing), together: do their gains add? (2026-12-07, stopped after two folds: 0.601,
+    # 0.682, below the full grid alone on both; README.)
+    "tokens14_drop75_bilateral": (
+        "hybrid, CT backbone frozen, kidney band + bilateral smoothing, 14 x 21 layer3 tokens, "
+        "75 % token dropout",
+        _cfg(
+            steps=BILATERAL,
+            model_kwargs={**DEFAULT.model_kwargs, "token_pool": 1, "token_drop": 0.75},
+        ),
+        False,
+    ),
     "whole": ("hybrid, CT backbone frozen, whole slice 224 x 224", _cfg(**WHOLE), False),
     "probe_whole": ("linear probe, CT backbone, whole slice 224 x 224", _cfg(**WHOLE), True),
     "lite0": (
