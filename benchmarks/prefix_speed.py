@@ -68,8 +68,9 @@ def _onnx_paths(
     from sklearn.preprocessing import StandardScaler
 
     from kidneyscan.data.datasets import load_image
-    from kidneyscan.export.onnx import export_bytes, make_session
+    from kidneyscan.export.onnx import make_session
     from kidneyscan.export.quantize import list_images, quantize_onnx
+    from kidneyscan.features import OnnxPrefix
 
     files, labels = list_images(data)
     if labels is None:
@@ -88,10 +89,10 @@ def _onnx_paths(
     agree_idx = order[n_cal : n_cal + n_agree]
     agree = rois(agree_idx)
     t_pre = time.perf_counter() - t0
-    meta = {"classes": ["0"], "preprocessing": {"image_size": PIXELS[1],
-            "image_width": PIXELS[2], "in_chans": PIXELS[0]}}  # fmt: skip
-    fp32_path = tmp / "prefix_fp32.onnx"
-    fp32_path.write_bytes(export_bytes(split.prefix, meta))
+    # The fp32 graph is the feature cache's own engine (exported on its first call).
+    engine = OnnxPrefix(split, tmp)
+    engine(torch.from_numpy(cal[:1]))
+    fp32_path = engine.path(PIXELS)
     t0 = time.perf_counter()
     int8_path = quantize_onnx(fp32_path, tmp / "prefix_int8.onnx", cal)
     t_quant = time.perf_counter() - t0

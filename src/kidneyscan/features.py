@@ -13,7 +13,7 @@ frozen) costs a fraction of it. :class:`FeatureStore` runs the frozen prefix
 * **bf16 on disk** (half of fp32; the backbone's weights are bf16 to begin with).
 * **the fastest exact engine**: bf16 autocast where the CPU runs bf16 natively, otherwise the
   prefix exported to ONNX once per cache folder and run by ONNX Runtime in fp32 (its output
-  equals PyTorch's to about 1e-5, far below bf16 storage; 1.5x the BatchNorm-folded PyTorch
+  equals PyTorch's to about 1e-5, far below bf16 storage; 1.17x the BatchNorm-folded PyTorch
   copy on a 2-core AVX2 CPU, ``benchmarks/prefix_speed.py``).
 * **augmented views that survive caching**: ``hflip`` stores the features of the mirrored
   image, computed exactly (a flipped feature map is only an approximation of it), and training
@@ -235,7 +235,7 @@ class FeatureStore:
                         raise
                     # Both engines give the same features (to ~1e-5): a prefix that does not
                     # export (an exotic backbone) falls back to PyTorch, slower but correct.
-                    log.warning("feature cache: ONNX export of the prefix failed (%s); "
+                    log.warning("feature cache: the prefix does not run in ONNX Runtime (%s); "
                                 "extracting with PyTorch fp32", exc)  # fmt: skip
                     self.onnx_prefix = None
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute == "bf16"):
