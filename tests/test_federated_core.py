@@ -125,6 +125,27 @@ def test_demo_trains_the_default_hybrids_head_on_one_cached_view(tmp_path: Path)
                                                  "token_drop": 0.75}  # fmt: skip
 
 
+def test_demo_trains_every_hospital_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Breaks if the demo lets Ray see fewer CPUs than hospitals: on a 2-core laptop two
+    hospitals would train, then the third alone with one core idle."""
+    from kidneyscan.federated import simulation
+
+    seen: dict = {}
+
+    def fake_simulate(config: dict, **kwargs: object) -> dict:
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(simulation, "cache_site_features", lambda cfg: None)
+    monkeypatch.setattr(simulation, "simulate", fake_simulate)
+    monkeypatch.setattr(simulation.os, "cpu_count", lambda: 2)
+    simulation.demo_federated(tmp_path, n=80, sites=3)
+    assert seen == {"num_clients": 3, "total_cpus": 3}
+    assert simulation.demo_ray_cpus(3, cores=16) == 16  # more cores: all of them, as before
+
+
 def test_only_trainable_tensors_travel_and_round_trip() -> None:
     model = _tiny_model()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -314,4 +314,15 @@ def demo_federated(
     )
     with logs.to_file(out / "flower.log"):  # model loading notes, cache messages
         cache_site_features(config)
-    return simulate(config, num_clients=sites)
+    return simulate(config, num_clients=sites, total_cpus=demo_ray_cpus(sites))
+
+
+def demo_ray_cpus(sites: int, cores: int | None = None) -> int:
+    """Ray CPUs for the demo: at least one per hospital, so every hospital trains at once.
+
+    Each client takes one Ray CPU and one thread. With fewer cores than hospitals (three on a
+    2-core laptop) Ray would otherwise train two, then the third alone on one core while the
+    other idles; declared one per hospital, the operating system shares the cores among all
+    three and no core waits for the last one.
+    """
+    return max(sites, cores if cores is not None else (os.cpu_count() or 1))
