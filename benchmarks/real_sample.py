@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kidneyscan.cli._logging import setup_console_logging
 from kidneyscan.config import ExperimentConfig
 from kidneyscan.data.datasets import CLASSES, scan_dataset
 from kidneyscan.data.splits import make_kfold, save_split
@@ -355,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--note", default="", help="e.g. 'machine shared with the test suite'")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # A per-slice fallback ("no vertebra found") is shown once and counted after each row.
+    repeats = setup_console_logging(logging.WARNING)
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROWS]
     if unknown:
@@ -413,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
         done[name]["command"] = command
         done[name]["note"] = args.note
         print(f"  pooled macro-F1 {done[name]['macro_f1']:.3f}", flush=True)
+        repeats.report()
         write()
     rows = write()
     print(_table(rows))
