@@ -71,6 +71,13 @@ def test_store_computes_each_image_once_keyed_by_content(
     x = PRE(load_image(samples[0].path))
     mirrored = original(split, x[None].flip(-1))[0].to(torch.bfloat16)
     torch.testing.assert_close(first.features[0, 1], mirrored, atol=0.02, rtol=0.02)
+    # each image of every batch (the next one is preprocessed while the prefix runs) keeps
+    # its own features and box
+    for i in (3, 4, 5):
+        xi = PRE(load_image(samples[i].path))
+        own = original(split, xi[None])[0].to(torch.bfloat16)
+        torch.testing.assert_close(first.features[i, 0], own, atol=0.02, rtol=0.02)
+        assert first.rois[i] == PRE.apply_steps_with_roi(load_image(samples[i].path))[1]
 
 
 def test_onnx_engine_stores_the_torch_features_and_exports_once(
